@@ -1,0 +1,209 @@
+"""ESM-2 engine: safe loading of the published checkpoint layout, and the published embedding semantics."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import esm
+import pytest
+import torch
+from esm.data import Alphabet, FastaBatchedDataset
+from esm.model.esm2 import ESM2
+
+from virnucpro.errors import UserError
+from virnucpro.esm2 import load_esm2, write_random_checkpoint
+
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_checkpoint(tmp_path_factory.mktemp("esm2") / "esm2_t2_64_test.pt", seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path) -> ESM2:
+    """fair-esm's ESM2 built by hand from the file's tensors (read here, not by the code under test)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        data = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    cfg = data["cfg"]["model"]
+    state = {}
+    for name, tensor in data["model"].items():
+        for prefix in ("encoder.sentence_encoder.", "encoder."):
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                break
+        state[name] = tensor.float()
+    regression = torch.load(checkpoint.with_name(checkpoint.stem + "-contact-regression.pt"), weights_only=True)
+    state.update({name: tensor.float() for name, tensor in regression["model"].items()})
+    model = ESM2(cfg.encoder_layers, cfg.encoder_embed_dim, cfg.encoder_attention_heads, "ESM-1b", cfg.token_dropout)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def reference_vector(model: ESM2, sequence: str, layer: int) -> torch.Tensor:
+    """One sequence alone: <cls> residues <eos>, representation of ``layer``, mean of residues 1..min(1024, len)."""
+    alphabet = Alphabet.from_architecture("ESM-1b")
+    tokens = torch.tensor([[alphabet.cls_idx, *(alphabet.get_idx(a) for a in sequence), alphabet.eos_idx]])
+    with torch.no_grad():
+        representation = model(tokens, repr_layers=[layer])["representations"][layer][0]
+    last = min(1024, len(sequence))
+    return representation[1 : last + 1].mean(0)
+
+
+def random_proteins(count: int, longest: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    lengths = [1, 2, longest] + [rng.randint(1, longest) for _ in range(count - 3)]
+    return ["".join(rng.choice(AMINO_ACIDS) for _ in range(n)) for n in lengths]
+
+
+def test_vectors_equal_an_independent_single_sequence_computation(checkpoint: Path, reference: ESM2) -> None:
+    proteins = random_proteins(12, 400, seed=1)
+    embedded = load_esm2(checkpoint).embed(proteins)
+    assert embedded.vectors.dtype == torch.float32
+    assert embedded.vectors.shape == (len(proteins), 64)
+    for row, protein in zip(embedded.vectors, proteins):
+        torch.testing.assert_close(row, reference_vector(reference, protein, layer=2), atol=1e-5, rtol=1e-5)
+
+
+def test_batched_equals_one_at_a_time_across_several_batches(checkpoint: Path) -> None:
+    proteins = random_proteins(30, 400, seed=2)
+    budget = 700
+    assert len(FastaBatchedDataset(proteins, proteins).get_batch_indices(budget, extra_toks_per_seq=1)) > 3
+    embedder = load_esm2(checkpoint, toks_per_batch=budget)
+    batched = embedder.embed(proteins).vectors
+    alone = torch.stack([embedder.embed([protein]).vectors[0] for protein in proteins])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_tokens_count_cls_and_eos_of_every_sequence(checkpoint: Path) -> None:
+    proteins = ["M", "MKV", "ACDEFGHIKL"]
+    assert load_esm2(checkpoint).embed(proteins).tokens == (1 + 2) + (3 + 2) + (10 + 2)
+
+
+def test_mean_covers_only_the_first_1024_residues_of_a_longer_protein(checkpoint: Path, reference: ESM2) -> None:
+    protein = random_proteins(3, 1100, seed=4)[2]
+    assert len(protein) == 1100
+    vector = load_esm2(checkpoint).embed([protein]).vectors[0]
+    torch.testing.assert_close(vector, reference_vector(reference, protein, layer=2), atol=1e-5, rtol=1e-5)
+
+
+def test_default_layer_is_the_last_and_an_earlier_layer_gives_its_own_mean(checkpoint: Path, reference: ESM2) -> None:
+    proteins = random_proteins(5, 200, seed=5)
+    last = load_esm2(checkpoint)
+    assert (last.layer, last.num_layers, last.dim) == (2, 2, 64)
+    first = load_esm2(checkpoint, layer=1).embed(proteins).vectors
+    assert not torch.allclose(first, last.embed(proteins).vectors, atol=1e-3)
+    for row, protein in zip(first, proteins):
+        torch.testing.assert_close(row, reference_vector(reference, protein, layer=1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [-1, 3])
+def test_a_layer_the_model_does_not_have_is_refused(checkpoint: Path, layer: int) -> None:
+    with pytest.raises(UserError, match="layer"):
+        load_esm2(checkpoint, layer=layer)
+
+
+def test_fair_esm_own_loader_reads_the_written_checkpoint_and_agrees(checkpoint: Path) -> None:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        model, alphabet = esm.pretrained.load_model_and_alphabet_local(str(checkpoint))
+    model.eval()
+    proteins = random_proteins(6, 300, seed=6)
+    _, _, tokens = alphabet.get_batch_converter()([(str(i), p) for i, p in enumerate(proteins)])
+    with torch.no_grad():
+        representation = model(tokens, repr_layers=[2])["representations"][2]
+    expected = torch.stack([representation[i, 1 : len(p) + 1].mean(0) for i, p in enumerate(proteins)])
+    torch.testing.assert_close(load_esm2(checkpoint).embed(proteins).vectors, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_written_checkpoint_has_the_published_layout(checkpoint: Path) -> None:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        data = torch.load(checkpoint, weights_only=True)
+    cfg = data["cfg"]["model"]
+    assert isinstance(cfg, argparse.Namespace)
+    assert (cfg.encoder_layers, cfg.encoder_embed_dim, cfg.encoder_attention_heads) == (2, 64, 4)
+    assert cfg.encoder_ffn_embed_dim == 256 and cfg.token_dropout is True
+    names = set(data["model"])
+    assert "encoder.sentence_encoder.embed_tokens.weight" in names
+    assert "encoder.sentence_encoder.layers.1.self_attn.q_proj.weight" in names
+    assert "encoder.lm_head.dense.weight" in names
+    assert all(n.startswith(("encoder.sentence_encoder.", "encoder.lm_head.")) for n in names)
+    assert {t.dtype for t in data["model"].values()} == {torch.float16}
+
+
+class _Payload:
+    """Unpickling this runs ``function(argument)``: what a malicious checkpoint would carry."""
+
+    def __init__(self, function, argument: str) -> None:
+        self.function, self.argument = function, argument
+
+    def __reduce__(self):
+        return (self.function, (self.argument,))
+
+
+def _malicious_checkpoints(directory: Path, marker: Path) -> list[Path]:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        data = torch.load(next(directory.glob("esm2_*.pt")), weights_only=True)
+    paths = []
+    for name, payload in [
+        ("system", _Payload(os.system, f"touch {marker}")),
+        ("exec", _Payload(exec, f"open({str(marker)!r}, 'w').close()")),
+    ]:
+        evil = directory / f"esm2_evil_{name}.pt"
+        torch.save({**data, "extra": payload}, evil)
+        companion = directory / "esm2_t2_64_test-contact-regression.pt"
+        shutil.copy(companion, directory / f"esm2_evil_{name}-contact-regression.pt")
+        paths.append(evil)
+    return paths
+
+
+def test_a_checkpoint_that_asks_to_run_code_is_refused_and_nothing_runs(checkpoint: Path, tmp_path: Path) -> None:
+    shutil.copy(checkpoint, tmp_path / checkpoint.name)
+    shutil.copy(checkpoint.with_name(checkpoint.stem + "-contact-regression.pt"), tmp_path)
+    marker = tmp_path / "pwned"
+    for evil in _malicious_checkpoints(tmp_path, marker):
+        with pytest.raises(UserError, match=r"refusing to load .*esm2_evil.*(system|exec).*not an allowed type"):
+            load_esm2(evil)
+        assert not marker.exists()
+    # the payload is live: an unrestricted unpickler does run it
+    torch.load(evil, weights_only=False)
+    assert marker.exists()
+
+
+def test_a_missing_checkpoint_is_a_user_error_naming_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "esm2_t36_3B_UR50D.pt"
+    with pytest.raises(UserError, match=str(missing)):
+        load_esm2(missing)
+
+
+def test_a_missing_contact_regression_companion_only_warns(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    alone = tmp_path / checkpoint.name
+    shutil.copy(checkpoint, alone)
+    with caplog.at_level(logging.WARNING, logger="virnucpro.esm2"):
+        embedder = load_esm2(alone)
+    assert "contact-regression" in caplog.text
+    torch.testing.assert_close(embedder.embed(["MKV"]).vectors, load_esm2(checkpoint).embed(["MKV"]).vectors)
+
+
+def test_weights_that_do_not_fit_the_cfg_are_refused(checkpoint: Path, tmp_path: Path) -> None:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        data = torch.load(checkpoint, weights_only=True)
+    data["cfg"]["model"].encoder_embed_dim = 32
+    wrong = tmp_path / "esm2_wrong.pt"
+    torch.save(data, wrong)
+    with pytest.raises(UserError, match=r"esm2_wrong\.pt.*shape"):
+        load_esm2(wrong)
+
+
+def test_a_file_without_the_esm2_cfg_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "esm2_other.pt"
+    torch.save({"model": {"w": torch.zeros(2)}}, other)
+    with pytest.raises(UserError, match="not an ESM-2 checkpoint"):
+        load_esm2(other)

@@ -1,0 +1,221 @@
+"""The VirNucPro MLP classifier: safe loading of the published pickles, conversion, scoring.
+
+The published ``300_model.pth`` / ``500_model.pth`` are whole modules pickled with
+``torch.save(model)`` from a script, so they name the class ``__main__.MLPClassifier``. Reading them
+with plain ``torch.load`` would run whatever the pickle asks for. ``load_classifier`` reads them with
+torch's weights-only unpickler, which may build only the few torch.nn classes such a file needs and
+our own ``MLPClassifier`` standing in for ``__main__.MLPClassifier``; it then copies the tensors into
+a fresh module. State-dict files and ``.safetensors`` files (see ``convert_classifier``) work too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from virnucpro.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+BATCH = 4096
+_KEYS = (
+    "hidden_layer.weight",
+    "hidden_layer.bias",
+    "bn1.weight",
+    "bn1.bias",
+    "bn1.running_mean",
+    "bn1.running_var",
+    "output_layer.weight",
+    "output_layer.bias",
+)
+_OPTIONAL_KEYS = ("bn1.num_batches_tracked",)
+_MLP: type | None = None
+
+
+def _mlp_class() -> type:
+    """The published architecture as a torch module class (built lazily to keep imports cheap)."""
+    global _MLP
+    if _MLP is None:
+        import torch
+        from torch import nn
+
+        class MLPClassifier(nn.Module):
+            """Linear -> BatchNorm1d -> ReLU -> Dropout(0.5) -> Linear, as published."""
+
+            def __init__(self, input_dim: int, hidden_dim: int = 512, num_class: int = 2) -> None:
+                super().__init__()
+                self.hidden_layer = nn.Linear(input_dim, hidden_dim)
+                self.bn1 = nn.BatchNorm1d(hidden_dim)
+                self.output_layer = nn.Linear(hidden_dim, num_class)
+                self.dropout = nn.Dropout(0.5)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                x = torch.relu(self.bn1(self.hidden_layer(x)))
+                return self.output_layer(self.dropout(x))
+
+        MLPClassifier.__module__ = __name__
+        _MLP = MLPClassifier
+    return _MLP
+
+
+
+def load_classifier(path: Path) -> torch.nn.Module:
+    """Read a published ``.pth`` (whole module or state dict) or a ``.safetensors`` classifier; eval mode, CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: classifier file not found")
+    if path.suffix == ".safetensors":
+        state = _read_safetensors(path)
+    else:
+        state = _read_pickle(path)
+    return _build(path, state)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a published whole-module pickle or of a state-dict file, read without running code."""
+    import torch
+    from torch import nn
+
+    from virnucpro.esm2 import torch_load_allowlisted
+
+    mlp = _mlp_class()
+    allowed = [
+        nn.Linear,
+        nn.BatchNorm1d,
+        nn.Dropout,
+        nn.ReLU,
+        (mlp, "__main__.MLPClassifier"),
+    ]
+    data = torch_load_allowlisted(path, allowed)
+    if isinstance(data, mlp):
+        return dict(data.state_dict())
+    if isinstance(data, dict) and all(isinstance(value, torch.Tensor) for value in data.values()):
+        return dict(data)
+    raise UserError(
+        f"{path}: not a VirNucPro classifier (found a {type(data).__name__}, expected the pickled "
+        "MLPClassifier or its state dict)"
+    )
+
+
+def _build(path: Path, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A fresh eval-mode MLPClassifier holding ``state``, its widths taken from the weights."""
+    import torch
+
+    missing = [key for key in _KEYS if key not in state]
+    unexpected = [key for key in state if key not in _KEYS + _OPTIONAL_KEYS]
+    if missing or unexpected:
+        detail = f"missing {', '.join(missing)}" if missing else f"unexpected {', '.join(unexpected)}"
+        raise UserError(f"{path}: not a VirNucPro classifier ({detail})")
+    hidden_dim, input_dim = state["hidden_layer.weight"].shape
+    num_class = state["output_layer.weight"].shape[0]
+    model = _mlp_class()(input_dim, hidden_dim, num_class)
+    state = dict(state)
+    state.setdefault("bn1.num_batches_tracked", torch.tensor(0))
+    try:
+        model.load_state_dict({key: v.float() if v.is_floating_point() else v for key, v in state.items()})
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[-1].strip()
+        raise UserError(f"{path}: the classifier's weights do not fit together ({first})") from None
+    return model.eval()
+
+
+def classify(model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities [n, 2] float32 (column 0 others, column 1 virus), in batches of ``BATCH`` rows."""
+    import torch
+
+    width = model.hidden_layer.in_features
+    if features.dim() != 2 or features.shape[1] != width:
+        raise UserError(
+            f"the classifier expects {width} features per frame but got {tuple(features.shape)}; "
+            "do the embedding models match the classifier?"
+        )
+    model.eval()
+    out = torch.empty(features.shape[0], model.output_layer.out_features, dtype=torch.float32)
+    with torch.inference_mode():
+        for start in range(0, features.shape[0], BATCH):
+            batch = features[start : start + BATCH].to(torch.float32)
+            out[start : start + BATCH] = torch.softmax(model(batch), dim=1)
+    return out
+
+
+def convert_classifier(src: Path, dst: Path) -> None:
+    """Write the classifier at ``src`` as ``dst`` in safetensors (weights plus widths in the metadata), atomically."""
+    from safetensors.torch import save_file
+
+    model = load_classifier(src)
+    state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
+    metadata = {
+        "format": "pt",
+        "architecture": "VirNucPro MLPClassifier",
+        "dims": json.dumps(
+            {
+                "input_dim": model.hidden_layer.in_features,
+                "hidden_dim": model.hidden_layer.out_features,
+                "num_class": model.output_layer.out_features,
+            }
+        ),
+        "source": Path(src).name,
+    }
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=metadata)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_published_classifier(path: Path, input_dim: int, hidden_dim: int = 512, seed: int = 0) -> Path:
+    """Write a random classifier as the published ``.pth`` is: ``torch.save(model)`` of ``__main__.MLPClassifier``."""
+    import torch
+
+    base = _mlp_class()
+    published = type("MLPClassifier", (base,), {"__module__": "__main__", "__qualname__": "MLPClassifier"})
+    generator = torch.Generator().manual_seed(seed)
+    model = published(input_dim, hidden_dim, 2)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name == "bn1.running_var":
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
+            elif name == "bn1.weight":
+                tensor.copy_(1.0 + 0.2 * torch.randn(tensor.shape, generator=generator))
+            elif name == "bn1.num_batches_tracked":
+                tensor.fill_(1000)
+            elif name.endswith("weight"):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) / tensor.shape[1] ** 0.5)
+            else:
+                tensor.copy_(0.3 * torch.randn(tensor.shape, generator=generator))
+    model.eval()
+
+    main = sys.modules["__main__"]
+    absent = object()
+    before = getattr(main, "MLPClassifier", absent)
+    main.MLPClassifier = published
+    try:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model, path)
+    finally:
+        if before is absent:
+            del main.MLPClassifier
+        else:
+            main.MLPClassifier = before
+    return path
