@@ -1,0 +1,204 @@
+"""A sample's outputs: the two published files, the per-read table and the failure table; run statistics."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from virnucpro.errors import UserError
+from virnucpro.fasta import atomic_output, read_fasta
+from virnucpro.predict import PREDICTION_HEADER
+
+READS_COLUMNS = (
+    "read_id",
+    "length",
+    "chunks",
+    "frames",
+    "frames_scored",
+    "virus_chunks",
+    "best_virus_score",
+    "verdict",
+    "reason",
+)
+
+
+def chunk_of(frame_id: str) -> str:
+    """The chunk ID of a frame ID: the frame ID minus its last two characters, as published."""
+    return frame_id[:-2]
+
+
+def read_of(chunk_id: str) -> str:
+    """The read ID of a chunk ID ``{read_id}_chunk_{k}``."""
+    return chunk_id.rsplit("_chunk_", 1)[0]
+
+
+@dataclass
+class _ChunkScores:
+    best_others: float
+    best_virus: float
+
+    @property
+    def is_virus(self) -> bool:
+        return self.best_virus >= self.best_others
+
+
+@dataclass
+class _ReadTally:
+    frames: int = 0
+    scored: int = 0
+
+
+def aggregate_sample(
+    *,
+    sample: str,
+    reads_table: Path,
+    nucleotide: Path,
+    predictions: list[Path],
+    manifest: Path | None,
+    output_dir: Path,
+) -> None:
+    """Write ``prediction_results.txt``, ``prediction_results_highestscore.csv``, ``reads.tsv``, ``failures.tsv``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    reads = _read_reads_table(Path(reads_table))
+    tallies = {read_id: _ReadTally() for read_id in reads}
+    for frame in read_fasta(Path(nucleotide)):
+        tally = tallies.get(read_of(chunk_of(frame.id)))
+        if tally is None:
+            raise UserError(f"{nucleotide}: frame '{frame.id}' belongs to no read of {reads_table}")
+        tally.frames += 1
+
+    chunks: dict[str, _ChunkScores] = {}
+    with atomic_output(output_dir / "prediction_results.txt") as out:
+        out.write(PREDICTION_HEADER + "\n")
+        for table in predictions:
+            for frame_id, line, others, virus in _prediction_lines(Path(table)):
+                out.write(line)
+                tallies[read_of(chunk_of(frame_id))].scored += 1
+                scores = chunks.get(chunk_of(frame_id))
+                if scores is None:
+                    chunks[chunk_of(frame_id)] = _ChunkScores(others, virus)
+                else:
+                    scores.best_others = max(scores.best_others, others)
+                    scores.best_virus = max(scores.best_virus, virus)
+
+    with atomic_output(output_dir / "prediction_results_highestscore.csv") as out:
+        out.write("Modified_ID\tIs_Virus\n")
+        for chunk_id in sorted(chunks):
+            out.write(f"{chunk_id}\t{chunks[chunk_id].is_virus}\n")
+
+    failures = _sample_failures(manifest, sample)
+    failed_reads = {read_of(chunk_of(row["sequence_id"])) for row in failures if row.get("sequence_id")}
+    failed_shards = bool([row for row in failures if not row.get("sequence_id")])
+    read_chunks = _chunks_by_read(chunks)
+    with atomic_output(output_dir / "reads.tsv") as out:
+        out.write("\t".join(READS_COLUMNS) + "\n")
+        for read_id, (length, chunk_count, skip_reason) in reads.items():
+            tally = tallies[read_id]
+            scores = read_chunks.get(read_id, [])
+            verdict, reason = _verdict(skip_reason, chunk_count, tally, scores, read_id in failed_reads or failed_shards)
+            best = max((chunk.best_virus for chunk in scores), default=None)
+            row = (
+                read_id,
+                length,
+                chunk_count,
+                tally.frames,
+                tally.scored,
+                sum(chunk.is_virus for chunk in scores),
+                "" if best is None else _format(best),
+                verdict,
+                reason,
+            )
+            out.write("\t".join(str(value) for value in row) + "\n")
+
+    _write_failures(output_dir / "failures.tsv", failures)
+
+
+def _verdict(skip_reason: str, chunks: int, tally: _ReadTally, scores: list[_ChunkScores], failed: bool) -> tuple[str, str]:
+    if skip_reason:
+        return "unclassified", skip_reason
+    if tally.frames == 0:
+        return "unclassified", "no stop-free frame"
+    if tally.scored == 0:
+        return "unclassified", "embedding failed" if failed else "not scored"
+    verdict = "virus" if any(chunk.is_virus for chunk in scores) else "others"
+    if tally.scored < tally.frames:
+        return verdict, f"{tally.frames - tally.scored} of {tally.frames} frames not scored"
+    return verdict, ""
+
+
+def _format(value: float) -> str:
+    from virnucpro.predict import format_score
+
+    return format_score(value)
+
+
+def _chunks_by_read(chunks: dict[str, _ChunkScores]) -> dict[str, list[_ChunkScores]]:
+    by_read: dict[str, list[_ChunkScores]] = {}
+    for chunk_id, scores in chunks.items():
+        by_read.setdefault(read_of(chunk_id), []).append(scores)
+    return by_read
+
+
+def _read_reads_table(path: Path) -> dict[str, tuple[int, int, str]]:
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: reads table not found (it is written by 'virnucpro chunk --reads-table')") from None
+    try:
+        return {row["read_id"]: (int(row["length"]), int(row["chunks"]), row["skip_reason"] or "") for row in rows}
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: not a reads table (columns read_id, length, chunks, skip_reason)") from None
+
+
+def _prediction_lines(path: Path):
+    """Yield (frame ID, line, P(others), P(virus)) of a per-shard prediction table."""
+    import numpy as np
+
+    with open(path) as handle:
+        header = handle.readline().rstrip("\n")
+        if header != PREDICTION_HEADER:
+            raise UserError(f"{path}: not a prediction table (first line should be '{PREDICTION_HEADER}')")
+        for number, line in enumerate(handle, start=2):
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) != 4:
+                raise UserError(f"{path}: line {number}: expected 4 tab-separated fields")
+            yield fields[0], line, float(np.float32(fields[2])), float(np.float32(fields[3]))
+
+
+def _sample_failures(manifest: Path | None, sample: str) -> list[dict[str, str]]:
+    if manifest is None or not Path(manifest).exists():
+        return []
+    from virnucpro.manifest import read_failures
+
+    return [row for row in read_failures(Path(manifest)) if row.get("sample") == sample]
+
+
+def _write_failures(path: Path, failures: list[dict[str, str]]) -> None:
+    from virnucpro.manifest import MANIFEST_COLUMNS, escape_field
+
+    with atomic_output(path) as out:
+        out.write("\t".join(MANIFEST_COLUMNS) + "\n")
+        for row in failures:
+            out.write("\t".join(escape_field(row.get(column, "")) for column in MANIFEST_COLUMNS) + "\n")
+
+
+def write_run_stats(daemon_stats: list[Path], output: Path) -> None:
+    """Collect the daemons' statistics files into ``run_stats.json``."""
+    daemons = []
+    for path in daemon_stats:
+        try:
+            daemons.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            raise UserError(f"{path}: unreadable daemon statistics ({error})") from None
+    summary = {
+        "daemons": daemons,
+        "model_loads": sum(int(entry.get("model_loads", 0)) for entry in daemons),
+        "shards": sum(int(entry.get("shards", 0)) for entry in daemons),
+    }
+    with atomic_output(Path(output)) as out:
+        json.dump(summary, out, indent=2)
+        out.write("\n")

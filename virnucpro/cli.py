@@ -1,0 +1,255 @@
+"""The ``virnucpro`` command line: it parses arguments and delegates; the work is in the modules."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from virnucpro import __version__
+from virnucpro.errors import UserError
+
+LENGTHS = (300, 500)
+MODEL_CHOICES = ("esm2", "dnabert-s", "dnabert_s")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _cmd_chunk(args: argparse.Namespace) -> None:
+    from virnucpro.chunk import chunk_fasta
+
+    summary = chunk_fasta(args.input, args.length, args.output, reads_table=args.reads_table)
+    logging.info("%d reads -> %d chunks (%d reads skipped)", summary.reads, summary.chunks, summary.skipped)
+
+
+def _cmd_translate(args: argparse.Namespace) -> None:
+    from virnucpro.translate import translate_fasta
+
+    summary = translate_fasta(args.input, args.nucleotide_output, args.protein_output)
+    logging.info("%d chunks -> %d stop-free frames", summary.chunks, summary.frames)
+
+
+def _cmd_shard(args: argparse.Namespace) -> None:
+    from virnucpro.shard import shard_frames
+
+    count = shard_frames(args.nucleotide, args.protein, args.shard_size, args.output_dir)
+    logging.info("wrote %d shard(s) to %s", count, args.output_dir)
+
+
+def _cmd_embed(args: argparse.Namespace) -> None:
+    if args.run_dir is not None:
+        from virnucpro.client import request_embedding
+
+        request_embedding(
+            args.run_dir,
+            args.model,
+            args.input,
+            args.output,
+            sample=args.sample,
+            shard=args.shard,
+            timeout=args.timeout,
+        )
+        return
+    if args.weights is None:
+        raise UserError("embed needs --weights PATH (in-process) or --run-dir DIR (ask a running daemon)")
+    from virnucpro.embed import embed_fasta
+
+    summary = embed_fasta(args.input, args.model, args.weights, args.output, args.device, args.precision)
+    logging.info("embedded %d sequences (%d tokens) -> %s", summary.sequences, summary.tokens, args.output)
+
+
+def _cmd_classify(args: argparse.Namespace) -> None:
+    from virnucpro.predict import classify_shard
+
+    count = classify_shard(args.nucleotide, args.dnabert_s, args.esm2, args.classifier, args.output)
+    logging.info("classified %d frames -> %s", count, args.output)
+
+
+def _cmd_aggregate(args: argparse.Namespace) -> None:
+    from virnucpro.aggregate import aggregate_sample
+
+    aggregate_sample(
+        sample=args.sample,
+        reads_table=args.reads_table,
+        nucleotide=args.nucleotide,
+        predictions=args.predictions,
+        manifest=args.failure_manifest,
+        output_dir=args.output_dir,
+    )
+
+
+def _cmd_run_stats(args: argparse.Namespace) -> None:
+    from virnucpro.aggregate import write_run_stats
+
+    write_run_stats(args.daemon_stats, args.output)
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from virnucpro.predict import predict
+
+    predict(
+        args.input,
+        args.length,
+        esm2=args.esm2,
+        dnabert_s=args.dnabert_s,
+        classifier=args.classifier,
+        output_dir=args.output_dir,
+        device=args.device,
+        precision=args.precision,
+        shard_size=args.shard_size,
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from virnucpro.daemon import serve
+
+    serve(
+        args.model,
+        args.weights,
+        device=args.device,
+        run_dir=args.run_dir,
+        stats_output=args.stats_output,
+        daemon_id=args.daemon_id,
+        precision=args.precision,
+        allowed_roots=args.allowed_root or [Path.cwd()],
+        idle_timeout=args.idle_timeout,
+        cache_clear_every=args.cache_clear_every,
+        stop_file=args.stop_file,
+    )
+
+
+def _cmd_stop_daemons(args: argparse.Namespace) -> None:
+    from virnucpro.client import stop_daemons
+
+    stopped = stop_daemons(args.run_dir, model=args.model, stop_file=args.stop_file)
+    logging.info("asked %d daemon(s) to stop", stopped)
+
+
+def _cmd_make_test_models(args: argparse.Namespace) -> None:
+    from virnucpro.testmodels import make_test_models
+
+    paths = make_test_models(args.output_dir, seed=args.seed)
+    for name, path in paths.items():
+        logging.info("%s: %s", name, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="virnucpro",
+        description="Find viral reads with the VirNucPro method (six-frame translation, DNABERT-S and "
+        "ESM-2 embeddings, MLP classifier).",
+    )
+    parser.add_argument("--version", action="version", version=f"virnucpro {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sub = command("chunk", _cmd_chunk, "cut reads into chunks of the expected length (published semantics)")
+    sub.add_argument("input", type=Path, help="reads, FASTA (plain or gzip)")
+    sub.add_argument("--length", type=int, choices=LENGTHS, required=True, help="expected read length")
+    sub.add_argument("--output", type=Path, required=True, help="chunked FASTA to write")
+    sub.add_argument("--reads-table", type=Path, help="also write one row per input read (TSV)")
+
+    sub = command("translate", _cmd_translate, "six-frame translate chunks, keep the stop-free frames")
+    sub.add_argument("input", type=Path, help="chunked FASTA")
+    sub.add_argument("--nucleotide-output", type=Path, required=True, help="nucleotide slices of kept frames")
+    sub.add_argument("--protein-output", type=Path, required=True, help="proteins of kept frames")
+
+    sub = command("shard", _cmd_shard, "split paired nucleotide/protein frame files into shards")
+    sub.add_argument("nucleotide", type=Path, help="nucleotide frames FASTA")
+    sub.add_argument("protein", type=Path, help="protein frames FASTA")
+    sub.add_argument("--shard-size", type=int, default=10000, help="frames per shard (default 10000)")
+    sub.add_argument("--output-dir", type=Path, required=True, help="folder for shard_NNNNN.fa/.faa")
+
+    sub = command("embed", _cmd_embed, "embed a FASTA file with one model (in-process, or through a daemon)")
+    sub.add_argument("input", type=Path, help="FASTA to embed")
+    sub.add_argument("--model", choices=MODEL_CHOICES, required=True)
+    sub.add_argument("--output", type=Path, required=True, help="embedding file to write (.pt)")
+    sub.add_argument("--weights", type=Path, help="model file or snapshot folder (in-process mode)")
+    sub.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    sub.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32")
+    sub.add_argument("--run-dir", type=Path, help="send the file to a daemon registered under this run folder")
+    sub.add_argument("--sample", default="", help="sample name, for the failure manifest")
+    sub.add_argument("--shard", default="", help="shard name, for the failure manifest")
+    sub.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for a daemon (default 3600)")
+
+    sub = command("classify", _cmd_classify, "merge the embeddings of one shard by ID and classify its frames")
+    sub.add_argument("nucleotide", type=Path, help="the shard's nucleotide FASTA (fixes the row order)")
+    sub.add_argument("--dnabert-s", type=Path, required=True, help="DNABERT-S embedding file")
+    sub.add_argument("--esm2", type=Path, required=True, help="ESM-2 embedding file")
+    sub.add_argument("--classifier", type=Path, required=True, help="classifier (.pth or .safetensors)")
+    sub.add_argument("--output", type=Path, required=True, help="per-frame predictions (TSV)")
+
+    sub = command("aggregate", _cmd_aggregate, "write a sample's compatible outputs, reads.tsv and failures.tsv")
+    sub.add_argument("--sample", required=True)
+    sub.add_argument("--reads-table", type=Path, required=True, help="reads table written by chunk")
+    sub.add_argument("--nucleotide", type=Path, required=True, help="all kept frames (nucleotide FASTA)")
+    sub.add_argument("--predictions", type=Path, nargs="*", default=[], help="per-shard predictions, in order")
+    sub.add_argument("--failure-manifest", type=Path, help="run-wide failure manifest")
+    sub.add_argument("--output-dir", type=Path, required=True)
+
+    sub = command("run-stats", _cmd_run_stats, "collect the daemons' statistics into one JSON file")
+    sub.add_argument("daemon_stats", type=Path, nargs="*", help="statistics files written by serve")
+    sub.add_argument("--output", type=Path, required=True)
+
+    sub = command("predict", _cmd_predict, "the whole method in one process (counterpart of prediction.py)")
+    sub.add_argument("input", type=Path, help="reads, FASTA (plain or gzip)")
+    sub.add_argument("--length", type=int, choices=LENGTHS, required=True, help="expected read length")
+    sub.add_argument("--esm2", type=Path, required=True, help="ESM-2 checkpoint (.pt, fair-esm format)")
+    sub.add_argument("--dnabert-s", type=Path, required=True, help="DNABERT-S snapshot folder")
+    sub.add_argument("--classifier", type=Path, required=True, help="classifier matching --length")
+    sub.add_argument("--output-dir", type=Path, required=True)
+    sub.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    sub.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32")
+    sub.add_argument("--shard-size", type=int, default=10000, help="frames embedded together (default 10000)")
+
+    sub = command("serve", _cmd_serve, "run a daemon that holds one model and embeds shards sent over ZeroMQ")
+    sub.add_argument("--model", choices=MODEL_CHOICES, required=True)
+    sub.add_argument("--weights", type=Path, required=True, help="model file or snapshot folder")
+    sub.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    sub.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32")
+    sub.add_argument("--run-dir", type=Path, required=True, help="run folder holding the registry")
+    sub.add_argument("--stats-output", type=Path, required=True, help="statistics JSON written on exit")
+    sub.add_argument("--daemon-id", default=None, help="name in the registry (default: model-host-pid)")
+    sub.add_argument(
+        "--allowed-root", type=Path, action="append", help="folder the daemon may read and write (repeatable; default .)"
+    )
+    sub.add_argument("--idle-timeout", type=float, default=600.0, help="exit after this many idle seconds")
+    sub.add_argument("--cache-clear-every", type=int, default=10, help="clear the CUDA cache every N shards")
+    sub.add_argument("--stop-file", type=Path, help="stop once this file's content differs from its content at start")
+
+    sub = command("stop-daemons", _cmd_stop_daemons, "ask the daemons registered under a run folder to stop")
+    sub.add_argument("--run-dir", type=Path, required=True)
+    sub.add_argument("--model", choices=MODEL_CHOICES, help="only daemons of this model")
+    sub.add_argument("--stop-file", type=Path, help="also write a fresh token to this stop file")
+
+    sub = command("make-test-models", _cmd_make_test_models, "write small random models in the published formats")
+    sub.add_argument("output_dir", type=Path)
+    sub.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s virnucpro %(levelname)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        args.handler(args)
+    except UserError as error:
+        print(f"virnucpro {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"virnucpro {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Embedding a FASTA file with one model, and the embedding file format.
+
+An embedding file is a ``torch.save``d dict ``{"ids": list[str], "embeddings": float32 tensor}``,
+one row per ID in the order of the FASTA file, readable with ``torch.load(path, weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from virnucpro.errors import UserError
+from virnucpro.fasta import read_fasta
+
+if TYPE_CHECKING:
+    import torch
+
+    from virnucpro.embedded import Embedded
+
+MODELS = ("esm2", "dnabert_s")
+
+
+class Embedder(Protocol):
+    """What a loaded model offers: its width and a batched ``embed``."""
+
+    dim: int
+
+    def embed(self, sequences: list[str]) -> Embedded: ...
+
+
+def canonical_model_name(name: str) -> str:
+    """Accept ``dnabert-s`` / ``dnabert_s`` / ``esm2`` and return the canonical name."""
+    canonical = name.strip().lower().replace("-", "_")
+    if canonical not in MODELS:
+        raise UserError(f"unknown model '{name}': choose one of esm2, dnabert-s")
+    return canonical
+
+
+def load_embedder(model: str, weights: Path, device: str = "cpu", precision: str = "fp32") -> Embedder:
+    """Load one embedding model from local files onto ``device``."""
+    import torch
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise UserError(f"unknown precision '{precision}': choose one of fp32, bf16, fp16")
+    check_device(device)
+    model = canonical_model_name(model)
+    if model == "esm2":
+        from virnucpro.esm2 import load_esm2
+
+        return load_esm2(Path(weights), device=device, dtype=dtypes[precision])
+    from virnucpro.dnabert import load_dnabert_s
+
+    return load_dnabert_s(Path(weights), device=device, dtype=dtypes[precision])
+
+
+def check_device(device: str) -> None:
+    """Refuse a device string that torch cannot use here, with a message that says why."""
+    import torch
+
+    if device == "cpu":
+        return
+    if not device.startswith("cuda"):
+        raise UserError(f"unknown device '{device}': use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but no CUDA GPU is visible here; use --device cpu")
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise UserError(f"device '{device}' does not exist: {torch.cuda.device_count()} GPU(s) visible")
+
+
+@dataclass(frozen=True)
+class EmbedSummary:
+    sequences: int
+    tokens: int
+
+
+def embed_records(embedder: Embedder, fasta_path: Path, output: Path) -> EmbedSummary:
+    """Embed every record of ``fasta_path`` with a loaded model and write ``output`` atomically."""
+    records = list(read_fasta(Path(fasta_path)))
+    ids = [record.id for record in records]
+    if records:
+        embedded = embedder.embed([record.sequence for record in records])
+        vectors, tokens = embedded.vectors, embedded.tokens
+    else:
+        import torch
+
+        vectors, tokens = torch.zeros((0, embedder.dim), dtype=torch.float32), 0
+    write_embeddings(Path(output), ids, vectors)
+    return EmbedSummary(sequences=len(ids), tokens=tokens)
+
+
+def embed_fasta(
+    input_path: Path, model: str, weights: Path, output: Path, device: str = "cpu", precision: str = "fp32"
+) -> EmbedSummary:
+    """In-process embedding: load the model, embed the file, write ``output``."""
+    embedder = load_embedder(model, weights, device=device, precision=precision)
+    return embed_records(embedder, input_path, output)
+
+
+def write_embeddings(path: Path, ids: list[str], vectors: torch.Tensor) -> None:
+    """Write an embedding file atomically (temporary file in the same folder, then rename)."""
+    import torch
+
+    if vectors.shape[0] != len(ids):
+        raise ValueError(f"{len(ids)} IDs but {vectors.shape[0]} embedding rows")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save({"ids": list(ids), "embeddings": vectors.detach().to("cpu", torch.float32).contiguous()}, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_embeddings(path: Path) -> tuple[list[str], torch.Tensor]:
+    """Read an embedding file without unpickling anything but tensors and plain containers."""
+    import pickle
+
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{path}: embedding file not found") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise UserError(f"{path}: not a readable embedding file ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("ids"), list) or "embeddings" not in data:
+        raise UserError(f"{path}: not an embedding file (expected a dict with 'ids' and 'embeddings')")
+    ids, vectors = data["ids"], data["embeddings"]
+    if not isinstance(vectors, torch.Tensor) or vectors.ndim != 2 or vectors.shape[0] != len(ids):
+        raise UserError(f"{path}: 'embeddings' must be a 2-D tensor with one row per ID")
+    return ids, vectors
