@@ -159,10 +159,35 @@ def test_features_of_the_wrong_width_are_a_user_error(published: Path) -> None:
         classify(load_classifier(published), torch.zeros(3, INPUT_DIM + 1))
 
 
-def test_a_missing_classifier_is_a_user_error_naming_the_path(tmp_path: Path) -> None:
+def test_a_missing_classifier_is_a_user_error_naming_the_path_and_the_download(tmp_path: Path) -> None:
     missing = tmp_path / "500_model.pth"
-    with pytest.raises(UserError, match=str(missing)):
+    with pytest.raises(UserError, match=rf"not found: {missing}; 'virnucpro models download --dest DIR'"):
         load_classifier(missing)
+
+
+def test_cli_converts_a_published_classifier_to_safetensors_that_scores_the_same(
+    published: Path, features: torch.Tensor, tmp_path: Path
+) -> None:
+    from virnucpro.cli import main
+
+    converted = tmp_path / "300_model.safetensors"
+    assert main(["models", "convert-classifier", str(published), str(converted)]) == 0
+    with safe_open(converted, "pt") as handle:
+        assert set(handle.keys()) >= {"hidden_layer.weight", "bn1.running_var", "output_layer.bias"}
+    torch.testing.assert_close(
+        classify(load_classifier(converted), features), classify(load_classifier(published), features), atol=0, rtol=0
+    )
+
+
+def test_cli_conversion_of_a_malicious_file_is_refused_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    from virnucpro.cli import main
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "300_model.pth"
+    torch.save({"hidden_layer.weight": torch.zeros(2, 2), "x": _Payload(os.system, f"touch {marker}")}, evil)
+    assert main(["models", "convert-classifier", str(evil), str(tmp_path / "out.safetensors")]) == 2
+    assert "refusing to load" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
 
 
 def test_a_state_dict_of_something_else_is_refused(tmp_path: Path) -> None:

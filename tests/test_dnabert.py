@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -152,6 +153,32 @@ def test_batched_with_padding_equals_one_at_a_time(model):
     assert batched.tokens == sum(token_counts)
 
 
+class _OomAbove:
+    """The encoder, except that a batch of more than ``limit`` token slots raises CUDA's out-of-memory error."""
+
+    def __init__(self, encoder, limit: int) -> None:
+        self.encoder, self.limit = encoder, limit
+
+    def __call__(self, input_ids, real):
+        if input_ids.numel() > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return self.encoder(input_ids, real)
+
+
+def test_out_of_memory_splits_batches_and_reports_only_a_sequence_too_big_alone(snapshot, model):
+    rng = random.Random(6)
+    sequences = [random_dna(rng, n) for n in (40, 90, 700, 60, 120, 30)]
+    expected = model.embed(sequences).vectors
+    squeezed = load_dnabert_s(snapshot)
+    squeezed.encoder = _OomAbove(squeezed.encoder, limit=len(squeezed.tokenize(sequences[4])) * 2)
+    embedded = squeezed.embed(sequences, max_tokens_per_batch=100000)
+    assert set(embedded.failed) == {2} and "out of GPU memory even alone" in embedded.failed[2]
+    assert embedded.out_of_memory >= 2 and torch.isnan(embedded.vectors[2]).all()
+    keep = [0, 1, 3, 4, 5]
+    assert torch.allclose(embedded.vectors[keep], expected[keep], atol=1e-5, rtol=0)
+    assert embedded.tokens == sum(len(model.tokenize(sequences[i])) for i in keep)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_still_returns_float32_vectors_close_to_fp32(snapshot, model, dtype):
     sequences = ["ACGT" * 40, "GATTACA", "CCCGGGTTTAAA" * 9]
@@ -259,7 +286,7 @@ def test_missing_tensor_is_refused_naming_the_file_and_tensor(tmp_path, snapshot
 
 
 def test_missing_snapshot_folder_is_refused_naming_it(tmp_path):
-    with pytest.raises(UserError, match=r"snapshot folder not found: .*nowhere"):
+    with pytest.raises(UserError, match=r"snapshot folder not found: .*nowhere; .*virnucpro models download --dest DIR"):
         load_dnabert_s(tmp_path / "nowhere")
 
 
@@ -278,11 +305,34 @@ def test_missing_weights_are_refused_naming_both_accepted_files(tmp_path, snapsh
         load_dnabert_s(broken)
 
 
+class _Payload:
+    """Unpickling this runs ``os.system(command)``: what a malicious weights file would carry."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
 def test_pickled_code_in_pytorch_model_bin_is_refused_without_running_it(tmp_path, snapshot):
     broken = copy_snapshot(snapshot, tmp_path / "broken")
     (broken / "model.safetensors").unlink()
-    torch.save({"embeddings.word_embeddings.weight": torch.zeros(1), "x": Path("/")}, broken / "pytorch_model.bin")
-    with pytest.raises(UserError, match=r"pytorch_model\.bin: not a plain state dict"):
+    marker = tmp_path / "pwned"
+    weights = load_file(snapshot / "model.safetensors")
+    torch.save({**weights, "x": _Payload(f"touch {marker}")}, broken / "pytorch_model.bin")
+    with pytest.raises(UserError, match=r"refusing to load .*pytorch_model\.bin: it asks to unpickle .*system"):
+        load_dnabert_s(broken)
+    assert not marker.exists()
+    torch.load(broken / "pytorch_model.bin", weights_only=False)  # the payload is live when unrestricted
+    assert marker.exists()
+
+
+def test_pytorch_model_bin_that_is_not_a_state_dict_is_refused(tmp_path, snapshot):
+    broken = copy_snapshot(snapshot, tmp_path / "broken")
+    (broken / "model.safetensors").unlink()
+    torch.save([torch.zeros(3)], broken / "pytorch_model.bin")
+    with pytest.raises(UserError, match=r"pytorch_model\.bin: expected a state dict .*found a list.*models download"):
         load_dnabert_s(broken)
 
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -207,3 +208,106 @@ def test_a_file_without_the_esm2_cfg_is_refused(tmp_path: Path) -> None:
     torch.save({"model": {"w": torch.zeros(2)}}, other)
     with pytest.raises(UserError, match="not an ESM-2 checkpoint"):
         load_esm2(other)
+
+
+def test_a_protein_longer_than_1024_goes_through_whole_not_truncated_as_fair_esm_extract_would(checkpoint: Path) -> None:
+    protein = random_proteins(3, 1300, seed=9)[2]
+    embedder = load_esm2(checkpoint)
+    whole = embedder.embed([protein]).vectors[0]
+    truncated_input = embedder.embed([protein[:1022]]).vectors[0]  # fair-esm extract.py's truncation_seq_length
+    first_1024 = embedder.embed([protein[:1024]]).vectors[0]
+    # residues past 1024 are not averaged, but they are attended to: the vector is neither of the cut ones
+    assert (whole - truncated_input).abs().max() > 1e-3
+    assert (whole - first_1024).abs().max() > 1e-3
+
+
+# --- out of GPU memory: clear the cache, split the batch, retry; give up on a protein only alone ---
+
+
+class OomAbove:
+    """The model, except that a batch of more than ``limit`` tokens raises CUDA's out-of-memory error."""
+
+    def __init__(self, model, limit: int) -> None:
+        self.model, self.limit, self.batches = model, limit, []
+
+    def __call__(self, tokens, repr_layers):
+        self.batches.append(tokens.shape[0])
+        if tokens.numel() > self.limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {tokens.numel()} tokens")
+        return self.model(tokens, repr_layers=repr_layers)
+
+
+def test_out_of_memory_splits_the_batch_and_gives_the_same_vectors(checkpoint: Path) -> None:
+    proteins = random_proteins(16, 60, seed=10)
+    expected = load_esm2(checkpoint).embed(proteins).vectors
+    embedder = load_esm2(checkpoint)
+    embedder.model = OomAbove(embedder.model, limit=200)
+    embedded = embedder.embed(proteins)
+    assert embedded.failed == {} and embedded.out_of_memory > 0
+    assert embedder.model.batches[0] == len(proteins)  # one published batch first, then halves
+    assert 1 < max(embedder.model.batches[1:]) < len(proteins)
+    torch.testing.assert_close(embedded.vectors, expected, atol=1e-5, rtol=1e-5)
+    assert embedded.tokens == sum(len(p) + 2 for p in proteins)
+
+
+def test_a_protein_that_does_not_fit_alone_is_reported_and_the_others_are_embedded(checkpoint: Path) -> None:
+    proteins = ["MKV" * 40, "ACDE", "W" * 200, "GHIK" * 5]
+    expected = load_esm2(checkpoint).embed(proteins).vectors
+    embedder = load_esm2(checkpoint)
+    embedder.model = OomAbove(embedder.model, limit=150)
+    embedded = embedder.embed(proteins)
+    assert set(embedded.failed) == {2}
+    assert re.search(r"out of GPU memory even alone \(200 residues\): CUDA out of memory", embedded.failed[2])
+    assert torch.isnan(embedded.vectors[2]).all()
+    keep = [0, 1, 3]
+    torch.testing.assert_close(embedded.vectors[keep], expected[keep], atol=1e-5, rtol=1e-5)
+    assert embedded.tokens == sum(len(proteins[i]) + 2 for i in keep)
+
+
+def test_errors_other_than_out_of_memory_are_not_swallowed(checkpoint: Path) -> None:
+    embedder = load_esm2(checkpoint)
+
+    def broken(tokens, repr_layers):
+        raise RuntimeError("something else")
+
+    embedder.model = broken
+    with pytest.raises(RuntimeError, match="something else"):
+        embedder.embed(["MKV"])
+
+
+# --- lean loading ---
+
+
+def test_loading_never_builds_random_weights_and_places_them_in_the_target_dtype(checkpoint: Path, monkeypatch) -> None:
+    def only_on_meta(tensor, *args, **kwargs):
+        if tensor.device.type != "meta":
+            raise AssertionError(f"random weights of shape {tuple(tensor.shape)} were allocated")
+        return tensor
+
+    for initializer in ("kaiming_uniform_", "normal_", "uniform_", "xavier_uniform_", "zeros_", "ones_"):
+        monkeypatch.setattr(torch.nn.init, initializer, only_on_meta)
+    embedder = load_esm2(checkpoint, dtype=torch.bfloat16)
+    assert {p.dtype for p in embedder.model.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in embedder.model.parameters()} == {"cpu"}
+    assert embedder.model.lm_head.weight is embedder.model.embed_tokens.weight
+
+
+def test_missing_checkpoint_message_names_it_and_the_download_command(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"ESM-2 checkpoint not found: .*nothing\.pt; .*virnucpro models download --dest DIR"):
+        load_esm2(tmp_path / "nothing.pt")
+
+
+def test_giving_back_mapped_pages_keeps_the_data_and_never_touches_other_memory(checkpoint: Path) -> None:
+    from virnucpro.safeload import MappedPages, load_allowlisted
+
+    data = load_allowlisted(checkpoint, [argparse.Namespace], mmap=True)
+    mapped = max(data["model"].values(), key=lambda t: t.numel())
+    assert mapped.untyped_storage().nbytes() > 3 * 4096
+    before = mapped.clone()
+    anonymous = torch.randn(200_000)  # ordinary memory: dropping its pages would zero it
+    kept = anonymous.clone()
+    pages = MappedPages(checkpoint)
+    pages.release(mapped)
+    pages.release(anonymous)
+    assert torch.equal(mapped, before)  # dropped pages of the file mapping are read again from the file
+    assert torch.equal(anonymous, kept)

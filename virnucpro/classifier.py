@@ -35,6 +35,10 @@ _KEYS = (
 )
 _OPTIONAL_KEYS = ("bn1.num_batches_tracked",)
 _MLP: type | None = None
+_HINT = (
+    "'virnucpro models download --dest DIR' fetches the published DIR/300_model.pth and DIR/500_model.pth; "
+    "use the one that matches the expected read length"
+)
 
 
 def _mlp_class() -> type:
@@ -63,12 +67,11 @@ def _mlp_class() -> type:
     return _MLP
 
 
-
 def load_classifier(path: Path) -> torch.nn.Module:
     """Read a published ``.pth`` (whole module or state dict) or a ``.safetensors`` classifier; eval mode, CPU."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: classifier file not found")
+        raise UserError(f"classifier file not found: {path}; {_HINT}")
     if path.suffix == ".safetensors":
         state = _read_safetensors(path)
     else:
@@ -91,7 +94,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     import torch
     from torch import nn
 
-    from virnucpro.esm2 import torch_load_allowlisted
+    from virnucpro.safeload import load_allowlisted
 
     mlp = _mlp_class()
     allowed = [
@@ -101,7 +104,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         nn.ReLU,
         (mlp, "__main__.MLPClassifier"),
     ]
-    data = torch_load_allowlisted(path, allowed)
+    data = load_allowlisted(path, allowed)
     if isinstance(data, mlp):
         return dict(data.state_dict())
     if isinstance(data, dict) and all(isinstance(value, torch.Tensor) for value in data.values()):

@@ -133,6 +133,26 @@ def _cmd_make_test_models(args: argparse.Namespace) -> None:
         logging.info("%s: %s", name, path)
 
 
+def _cmd_models_download(args: argparse.Namespace) -> None:
+    from virnucpro.models import download_models, parse_base_url, resolve_base_urls
+
+    overrides = dict(parse_base_url(text) for text in args.base_url or [])
+    results = download_models(
+        args.dest, groups=args.only, base_urls=resolve_base_urls(overrides, mirror=args.mirror)
+    )
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result.action] = counts.get(result.action, 0) + 1
+    logging.info("%s in %s", ", ".join(f"{n} {action}" for action, n in sorted(counts.items())), args.dest)
+
+
+def _cmd_models_convert_classifier(args: argparse.Namespace) -> None:
+    from virnucpro.classifier import convert_classifier
+
+    convert_classifier(args.src, args.dst)
+    logging.info("wrote %s", args.dst)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="virnucpro",
@@ -226,6 +246,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--run-dir", type=Path, required=True)
     sub.add_argument("--model", choices=MODEL_CHOICES, help="only daemons of this model")
     sub.add_argument("--stop-file", type=Path, help="also write a fresh token to this stop file")
+
+    from virnucpro.models import GROUPS  # stdlib only: cheap
+
+    sub = command("models", None, "get the published model files, convert the classifier")
+    actions = sub.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    action = actions.add_parser(
+        "download",
+        help="fetch the published ESM-2 3B, DNABERT-S and classifier files (verified, resumable)",
+        description="Fetch the published model files into DIR (verified against the known sizes and "
+        "checksums, resumed from DIR/*.part, skipped when present and verified); see docs/models.md.",
+    )
+    action.set_defaults(handler=_cmd_models_download)
+    action.add_argument("--dest", type=Path, default=Path("models"), help="destination folder (default models)")
+    action.add_argument("--only", action="append", choices=GROUPS,
+                        help="fetch only this group (repeatable; default all)")  # fmt: skip
+    action.add_argument("--base-url", action="append", metavar="GROUP=URL",
+                        help=f"fetch GROUP ({', '.join(GROUPS)}) from URL instead (repeatable)")  # fmt: skip
+    action.add_argument("--mirror", metavar="URL",
+                        help="fetch every group from URL/GROUP/... (also: $VIRNUCPRO_MODELS_MIRROR)")  # fmt: skip
+    action = actions.add_parser(
+        "convert-classifier",
+        help="rewrite a classifier (.pth, whole module or state dict) as .safetensors",
+        description="Read a classifier .pth safely (allow-listed unpickling) and write its weights to DST as "
+        "safetensors, with its widths in the metadata (--classifier accepts either file).",
+    )
+    action.set_defaults(handler=_cmd_models_convert_classifier)
+    action.add_argument("src", type=Path, help="classifier to read (.pth or .safetensors)")
+    action.add_argument("dst", type=Path, help="safetensors file to write")
 
     sub = command("make-test-models", _cmd_make_test_models, "write small random models in the published formats")
     sub.add_argument("output_dir", type=Path)

@@ -35,7 +35,10 @@ SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
 
 _PREFIX = "bert."
 _UNUSED = ("cls.", "pooler.")
-_FIX = "put the published zhihan1996/DNABERT-S files there (virnucpro models download)"
+_FIX = (
+    "put the published zhihan1996/DNABERT-S files there: 'virnucpro models download --dest DIR' "
+    "writes them to DIR/DNABERT-S"
+)
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
@@ -157,26 +160,45 @@ class DnabertS:
         return self.tokenizer.encode(sequence).ids
 
     def embed(self, sequences: list[str], max_tokens_per_batch: int = 16384) -> Embedded:
-        """Mean of the last hidden state over each sequence's tokens (specials included), in input order."""
+        """Mean of the last hidden state over each sequence's tokens (specials included), in input order.
+
+        A batch that runs out of GPU memory is split in halves and retried after clearing the cache;
+        a sequence that does not fit even alone is left out: its row is NaN and ``failed`` says why.
+        """
         import torch
 
-        from virnucpro.embedded import Embedded
+        from virnucpro.embedded import Embedded, run_splitting_on_oom
 
         ids = [encoding.ids for encoding in self.tokenizer.encode_batch(list(sequences))]
         lengths = [len(row) for row in ids]
-        vectors = torch.empty((len(ids), self.dim), dtype=torch.float32)
+        vectors = torch.full((len(ids), self.dim), float("nan"), dtype=torch.float32)
+
+        def run(batch: list[int]) -> None:
+            longest = max(lengths[index] for index in batch)
+            input_ids = torch.full((len(batch), longest), self._pad_id, dtype=torch.long)
+            for row, index in enumerate(batch):
+                input_ids[row, : lengths[index]] = torch.tensor(ids[index], dtype=torch.long)
+            counts = torch.tensor([lengths[index] for index in batch])
+            real = torch.arange(longest)[None, :] < counts[:, None]
+            hidden = self.encoder(input_ids.to(self.device), real.to(self.device)).float()
+            sums = (hidden * real.to(self.device)[..., None]).sum(dim=1).cpu()
+            vectors[torch.tensor(batch)] = sums / counts[:, None]
+
+        failed: dict[int, str] = {}
+        out_of_memory = 0
         with torch.inference_mode():
             for batch in token_batches(lengths, max_tokens_per_batch):
-                longest = lengths[batch[0]]
-                input_ids = torch.full((len(batch), longest), self._pad_id, dtype=torch.long)
-                for row, index in enumerate(batch):
-                    input_ids[row, : lengths[index]] = torch.tensor(ids[index], dtype=torch.long)
-                counts = torch.tensor([lengths[index] for index in batch])
-                real = torch.arange(longest)[None, :] < counts[:, None]
-                hidden = self.encoder(input_ids.to(self.device), real.to(self.device)).float()
-                sums = (hidden * real.to(self.device)[..., None]).sum(dim=1).cpu()
-                vectors[torch.tensor(batch)] = sums / counts[:, None]
-        return Embedded(vectors=vectors, tokens=sum(lengths))
+                outcome = run_splitting_on_oom(batch, run, self._clear_cache, lambda i: f"{lengths[i]} tokens")
+                failed.update(outcome.failed)
+                out_of_memory += outcome.out_of_memory
+        tokens = sum(length for index, length in enumerate(lengths) if index not in failed)
+        return Embedded(vectors=vectors, tokens=tokens, failed=failed, out_of_memory=out_of_memory)
+
+    def _clear_cache(self) -> None:
+        import torch
+
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def load_dnabert_s(snapshot_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> DnabertS:
@@ -248,29 +270,10 @@ def _read_weights(directory: Path) -> tuple[Path, dict[str, Any]]:
         except (OSError, SafetensorError) as error:
             raise UserError(f"{safetensors_path}: not a readable safetensors file ({error}); {_FIX}") from None
     if bin_path.is_file():
-        return bin_path, _load_state_dict(bin_path)
+        from virnucpro.safeload import load_state_dict
+
+        return bin_path, load_state_dict(bin_path, hint=_FIX)
     raise UserError(f"{directory}: no weights, neither {SAFETENSORS_FILE} nor {BIN_FILE}; {_FIX}")
-
-
-def _load_state_dict(path: Path) -> dict[str, Any]:
-    """A ``torch.save``d state dict, read with the weights-only unpickler (nothing else is run)."""
-    import pickle
-
-    import torch
-
-    try:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            data = torch.load(path, map_location="cpu", weights_only=True)  # pre-zipfile format
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path}: not a plain state dict of tensors ({first_line}); {_FIX}") from None
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise UserError(f"{path}: expected a state dict (tensor name -> tensor); {_FIX}")
-    return data
 
 
 # --- small random-weight snapshots in the published layout (tests, demo) ---

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -75,22 +75,36 @@ def check_device(device: str) -> None:
 @dataclass(frozen=True)
 class EmbedSummary:
     sequences: int
+    """Sequences embedded (rows written)."""
     tokens: int
+    failed: dict[str, str] = field(default_factory=dict)
+    """Sequence ID -> why it has no row (it did not fit in GPU memory even alone)."""
+    out_of_memory: int = 0
+    """Out-of-memory errors met and recovered from by clearing the cache and splitting batches."""
 
 
 def embed_records(embedder: Embedder, fasta_path: Path, output: Path) -> EmbedSummary:
-    """Embed every record of ``fasta_path`` with a loaded model and write ``output`` atomically."""
+    """Embed every record of ``fasta_path`` with a loaded model and write ``output`` atomically.
+
+    A sequence that cannot be embedded gets no row; it is named in the summary's ``failed``.
+    """
+    import torch
+
     records = list(read_fasta(Path(fasta_path)))
     ids = [record.id for record in records]
-    if records:
-        embedded = embedder.embed([record.sequence for record in records])
-        vectors, tokens = embedded.vectors, embedded.tokens
-    else:
-        import torch
-
-        vectors, tokens = torch.zeros((0, embedder.dim), dtype=torch.float32), 0
-    write_embeddings(Path(output), ids, vectors)
-    return EmbedSummary(sequences=len(ids), tokens=tokens)
+    if not records:
+        write_embeddings(Path(output), [], torch.zeros((0, embedder.dim), dtype=torch.float32))
+        return EmbedSummary(sequences=0, tokens=0)
+    embedded = embedder.embed([record.sequence for record in records])
+    kept = [index for index in range(len(ids)) if index not in embedded.failed]
+    vectors = embedded.vectors[torch.tensor(kept, dtype=torch.long)] if embedded.failed else embedded.vectors
+    write_embeddings(Path(output), [ids[index] for index in kept], vectors)
+    return EmbedSummary(
+        sequences=len(kept),
+        tokens=embedded.tokens,
+        failed={ids[index]: reason for index, reason in embedded.failed.items()},
+        out_of_memory=embedded.out_of_memory,
+    )
 
 
 def embed_fasta(

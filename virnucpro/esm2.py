@@ -7,8 +7,16 @@ keys carry the prefixes ``encoder.sentence_encoder.`` and ``encoder.lm_head.``; 
 loader fails under torch>=2.6 and, made to work, unpickles anything; ``load_esm2`` reads the same
 files with torch's weights-only unpickler that allows ``argparse.Namespace`` and nothing more.
 
+Loading is lean: the file is memory-mapped, the model is built on the ``meta`` device (no random
+weights are ever allocated), and each tensor is copied straight into its target device and dtype,
+after which its mapped pages are given back; so the host holds one copy of the weights at most.
+
 The contact-regression companion is not needed for embeddings: when it is missing, fair-esm refuses
 the checkpoint, ``load_esm2`` only logs a warning and leaves the (unused) contact head at zero.
+
+Long proteins are handled as the published VirNucPro does (see docs/models.md): the whole protein
+goes through the model (no ``truncation_seq_length``; fair-esm's extract.py would cut it to 1022
+residues), and the vector is the mean over residues 1 .. min(1024, len).
 """
 
 from __future__ import annotations
@@ -16,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,59 +38,16 @@ log = logging.getLogger(__name__)
 
 MEAN_POSITIONS = 1024
 """The published vector is the mean of the representations at positions 1 .. min(1024, len)."""
+TOKS_PER_BATCH = 2048
+"""The published token budget per batch (fair-esm's ``get_batch_indices``, ``extra_toks_per_seq=1``)."""
 
 _PREFIXES = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
 _CONTACT_HEAD = "contact_head."
 _CFG_FIELDS = ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads", "token_dropout")
-
-
-def torch_load_allowlisted(path: Path, allowed: Iterable[Any], *, mmap: bool = False) -> Any:
-    """``torch.load`` with the weights-only unpickler, allowing only ``allowed`` beyond plain tensors.
-
-    A file that asks to unpickle anything else is refused with a UserError before any of it runs.
-    Entries of ``allowed`` are classes or ``(class, "module.QualName")`` pairs.
-    """
-    import pickle
-
-    import torch
-
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        with torch.serialization.safe_globals(list(allowed)):
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            except RuntimeError as error:
-                if not mmap or "mmap" not in str(error):
-                    raise
-                # an old (pre-zipfile) torch.save format cannot be memory-mapped
-                return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        refused = _refused_global(str(error))
-        if refused is None:
-            raise UserError(f"{path}: not a readable torch checkpoint ({_last_words(error)})") from None
-        raise UserError(
-            f"refusing to load {path}: it asks to unpickle {refused}, which is not an allowed type; "
-            "model files may hold only weights (if you trust this file, re-save its weights as a state dict)"
-        ) from None
-    except Exception as error:  # torch.load raises many types for a damaged or foreign file
-        raise UserError(f"{path}: not a readable torch checkpoint ({_last_words(error)})") from None
-
-
-def _refused_global(message: str) -> str | None:
-    """The name of what torch's weights-only unpickler refused to unpickle, as its message says."""
-    for pattern in (r"GLOBAL (\S+?)[,\s]", r"unrecognized function (\S+)", r"but got (<[^>]+>)"):
-        match = re.search(pattern, message)
-        if match:
-            return match.group(1)
-    return None
-
-
-def _last_words(error: Exception) -> str:
-    """The error's type and the gist of its message, on one line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    gist = next((line for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
-    return f"{type(error).__name__}: {gist}"[:300]
+_HINT = (
+    "get the published ESM-2 3B with 'virnucpro models download --dest DIR' "
+    "(writes DIR/esm2_t36_3B_UR50D.pt and its contact-regression file), or point to another fair-esm ESM-2 checkpoint"
+)
 
 
 def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -92,7 +56,11 @@ def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 class Esm2Embedder:
-    """A loaded ESM-2 model that embeds proteins exactly as the published extraction does."""
+    """A loaded ESM-2 model that embeds proteins exactly as the published extraction does.
+
+    ``model`` is called as ``model(tokens, repr_layers=[layer])``; it may be replaced by any callable
+    with that signature (tests wrap it to inject out-of-memory errors).
+    """
 
     def __init__(self, model: Any, alphabet: Any, layer: int, toks_per_batch: int) -> None:
         self.model = model
@@ -100,41 +68,54 @@ class Esm2Embedder:
         self.layer = layer
         self.toks_per_batch = toks_per_batch
         self.batch_converter = alphabet.get_batch_converter()
-
-    @property
-    def dim(self) -> int:
-        return self.model.embed_dim
-
-    @property
-    def num_layers(self) -> int:
-        return self.model.num_layers
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        self.dim: int = model.embed_dim
+        self.num_layers: int = model.num_layers
+        self.device: torch.device = model.embed_tokens.weight.device
 
     def embed(self, sequences: list[str]) -> Embedded:
-        """Mean representation of ``layer`` over residues 1..min(1024, len), one row per sequence in input order."""
+        """Mean representation of ``layer`` over residues 1..min(1024, len), one row per sequence in input order.
+
+        Batches as published (sorted by length, ``toks_per_batch``). A batch that runs out of GPU
+        memory is split in halves and retried after clearing the cache; a protein that does not fit
+        even alone is left out: its row is NaN and ``failed`` says why.
+        """
         import torch
         from esm.data import FastaBatchedDataset
 
-        from virnucpro.embedded import Embedded
+        from virnucpro.embedded import Embedded, run_splitting_on_oom
 
         for index, sequence in enumerate(sequences):
             if not sequence:
                 raise UserError(f"protein sequence #{index + 1} is empty: ESM-2 cannot embed an empty protein")
-        vectors = torch.empty(len(sequences), self.dim, dtype=torch.float32)
+        vectors = torch.full((len(sequences), self.dim), float("nan"), dtype=torch.float32)
         dataset = FastaBatchedDataset([str(i) for i in range(len(sequences))], sequences)
         batches = dataset.get_batch_indices(self.toks_per_batch, extra_toks_per_seq=1)
+
+        def run(batch: list[int]) -> None:
+            _, strs, tokens = self.batch_converter([dataset[i] for i in batch])
+            out = self.model(tokens.to(self.device), repr_layers=[self.layer])
+            representations = out["representations"][self.layer]
+            for row, (index, sequence) in enumerate(zip(batch, strs)):
+                end = min(MEAN_POSITIONS, len(sequence))
+                vectors[index] = representations[row, 1 : end + 1].float().mean(0).cpu()
+
+        failed: dict[int, str] = {}
+        out_of_memory = 0
         with torch.inference_mode():
             for batch in batches:
-                _, strs, tokens = self.batch_converter([dataset[i] for i in batch])
-                out = self.model(tokens.to(self.device), repr_layers=[self.layer])
-                representations = out["representations"][self.layer]
-                for row, (index, sequence) in enumerate(zip(batch, strs)):
-                    end = min(MEAN_POSITIONS, len(sequence))
-                    vectors[index] = representations[row, 1 : end + 1].float().mean(0).cpu()
-        return Embedded(vectors=vectors, tokens=sum(len(s) + 2 for s in sequences))
+                outcome = run_splitting_on_oom(
+                    list(batch), run, self._clear_cache, lambda i: f"{len(sequences[i])} residues"
+                )
+                failed.update(outcome.failed)
+                out_of_memory += outcome.out_of_memory
+        tokens = sum(len(s) + 2 for i, s in enumerate(sequences) if i not in failed)
+        return Embedded(vectors=vectors, tokens=tokens, failed=failed, out_of_memory=out_of_memory)
+
+    def _clear_cache(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def load_esm2(
@@ -142,17 +123,29 @@ def load_esm2(
     device: str = "cpu",
     dtype: torch.dtype | None = None,
     layer: int | None = None,
-    toks_per_batch: int = 2048,
+    toks_per_batch: int = TOKS_PER_BATCH,
 ) -> Esm2Embedder:
     """Load a published-format ESM-2 checkpoint onto ``device`` (fp32 unless ``dtype``, last layer unless ``layer``)."""
     import torch
     from esm.data import Alphabet
     from esm.model.esm2 import ESM2
 
+    from virnucpro.safeload import MappedPages, load_allowlisted
+
     checkpoint = Path(checkpoint)
-    data = torch_load_allowlisted(checkpoint, [argparse.Namespace], mmap=True)
+    if not checkpoint.is_file():
+        raise UserError(f"ESM-2 checkpoint not found: {checkpoint}; {_HINT}")
+    if toks_per_batch < 1:
+        raise UserError(f"ESM-2 batch token budget must be positive, got {toks_per_batch}")
+    data = load_allowlisted(checkpoint, [argparse.Namespace], mmap=True, hint=_HINT)
     cfg = _esm2_config(checkpoint, data)
     state = upgrade_state_dict(data["model"])
+    del data
+    num_layers = cfg.encoder_layers
+    if layer is None:
+        layer = num_layers
+    if not 0 <= layer <= num_layers:
+        raise UserError(f"{checkpoint}: layer {layer} does not exist; this ESM-2 model has layers 0..{num_layers}")
     if not checkpoint.name.startswith("esm2"):
         log.warning(
             "%s: the file name does not start with 'esm2', so fair-esm would not read it as ESM-2; "
@@ -171,18 +164,31 @@ def load_esm2(
             token_dropout=cfg.token_dropout,
         )
     _check_state(checkpoint, model, state)
-    model.load_state_dict(state, strict=True, assign=True)
+    weights = place_tensors(state, torch.device(device), dtype or torch.float32, MappedPages(checkpoint))
+    model.load_state_dict(weights, strict=True, assign=True)
     model.lm_head.weight = model.embed_tokens.weight  # the published model ties these two
-    model = model.to(device=device, dtype=dtype or torch.float32).eval()
+    return Esm2Embedder(model.eval(), alphabet, layer, toks_per_batch)
 
-    num_layers = cfg.encoder_layers
-    if layer is None:
-        layer = num_layers
-    if not 0 <= layer <= num_layers:
-        raise UserError(f"{checkpoint}: layer {layer} does not exist; this ESM-2 model has layers 0..{num_layers}")
-    if toks_per_batch < 1:
-        raise UserError(f"ESM-2 batch token budget must be positive, got {toks_per_batch}")
-    return Esm2Embedder(model, alphabet, layer, toks_per_batch)
+
+def place_tensors(
+    state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, pages: Any = None
+) -> dict[str, torch.Tensor]:
+    """Copy each tensor of ``state`` to ``device`` (floating ones in ``dtype``), emptying ``state`` as it goes.
+
+    ``pages`` (a ``MappedPages``) gets each source tensor back once it is copied, so that the pages
+    of a memory-mapped file do not stay resident beside the copies.
+    """
+    import torch
+
+    placed = {}
+    for name in list(state):
+        source = state.pop(name)
+        target = torch.empty(source.shape, dtype=dtype if source.is_floating_point() else source.dtype, device=device)
+        target.copy_(source)
+        if pages is not None:
+            pages.release(source)
+        placed[name] = target
+    return placed
 
 
 def _esm2_config(checkpoint: Path, data: Any) -> argparse.Namespace:
@@ -206,6 +212,8 @@ def _esm2_config(checkpoint: Path, data: Any) -> argparse.Namespace:
 
 def _contact_regression(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The contact head's weights from the companion file, or zeros (with a warning) when it is missing."""
+    from virnucpro.safeload import load_allowlisted
+
     companion = checkpoint.with_name(checkpoint.stem + "-contact-regression.pt")
     if not companion.is_file():
         log.warning(
@@ -215,7 +223,7 @@ def _contact_regression(checkpoint: Path) -> dict[str, torch.Tensor]:
             companion.name,
         )
         return {}
-    data = torch_load_allowlisted(companion, [argparse.Namespace])
+    data = load_allowlisted(companion, [argparse.Namespace], hint=_HINT)
     weights = data.get("model") if isinstance(data, dict) else None
     if not isinstance(weights, dict):
         raise UserError(f"{companion}: not a fair-esm contact-regression file (no 'model' dict)")
@@ -243,7 +251,7 @@ def _check_state(checkpoint: Path, model: Any, state: dict[str, torch.Tensor]) -
     for name, reference in expected.items():
         if name not in state:
             state[name] = torch.zeros(reference.shape, dtype=torch.float16)
-        elif tuple(state[name].shape) != tuple(reference.shape):
+        elif not isinstance(state[name], torch.Tensor) or tuple(state[name].shape) != tuple(reference.shape):
             raise UserError(
                 f"{checkpoint}: weight {name} has shape {tuple(state[name].shape)}, "
                 f"expected {tuple(reference.shape)} for the ESM-2 shape its cfg describes"
@@ -263,9 +271,6 @@ def write_random_checkpoint(
     from esm.data import Alphabet
     from esm.model.esm2 import ESM2
 
-    path = Path(path)
-    if not path.name.startswith("esm2"):
-        raise ValueError(f"{path}: an ESM-2 checkpoint's name must start with 'esm2' (fair-esm reads the name)")
     generator = torch.Generator().manual_seed(seed)
     alphabet = Alphabet.from_architecture("ESM-1b")
     model = ESM2(num_layers, embed_dim, attention_heads, alphabet, token_dropout=True)
@@ -283,8 +288,23 @@ def write_random_checkpoint(
         else:
             state[name] = 0.1 * torch.randn(tensor.shape, generator=generator)
     state = {name: tensor.half() for name, tensor in state.items()}
-    state["lm_head.weight"] = state["embed_tokens.weight"]  # tied, one storage in the file as published
+    return save_published_checkpoint(
+        path, state, num_layers=num_layers, embed_dim=embed_dim, attention_heads=attention_heads
+    )
 
+
+def save_published_checkpoint(
+    path: Path, state: dict[str, torch.Tensor], *, num_layers: int, embed_dim: int, attention_heads: int
+) -> Path:
+    """Save an ESM2 state dict (our bare names, fp16) as fair-esm publishes it: prefixed keys, a cfg Namespace,
+    ``lm_head.weight`` tied to ``embed_tokens.weight`` (one storage), and the contact-regression companion."""
+    import torch
+
+    path = Path(path)
+    if not path.name.startswith("esm2"):
+        raise ValueError(f"{path}: an ESM-2 checkpoint's name must start with 'esm2' (fair-esm reads the name)")
+    state = dict(state)
+    state["lm_head.weight"] = state["embed_tokens.weight"]
     encoder = {}
     regression = {}
     for name, stored in state.items():
@@ -313,6 +333,5 @@ def write_random_checkpoint(
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"cfg": {"model": cfg}, "model": encoder}, path)
-    companion = path.with_name(path.stem + "-contact-regression.pt")
-    torch.save({"model": regression}, companion)
+    torch.save({"model": regression}, path.with_name(path.stem + "-contact-regression.pt"))
     return path
