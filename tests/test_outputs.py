@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from virnucpro.aggregate import aggregate_sample
-from virnucpro.errors import UserError
 from virnucpro.predict import PREDICTION_HEADER, format_score, merge_features, prediction_rows
 
 
@@ -30,15 +29,17 @@ def test_prediction_is_virus_only_when_score2_is_greater_and_a_tie_is_others():
 def test_features_are_joined_by_id_not_by_position():
     dnabert = (["x", "y"], torch.tensor([[1.0], [2.0]]))
     esm = (["y", "x"], torch.tensor([[20.0, 21.0], [10.0, 11.0]]))
-    merged = merge_features(["y", "x"], dnabert, esm)
+    ids, merged, missing = merge_features(["y", "x"], dnabert, esm)
+    assert ids == ["y", "x"] and missing == []
     assert merged.tolist() == [[2.0, 20.0, 21.0], [1.0, 10.0, 11.0]]
 
 
-def test_a_frame_missing_from_one_embedding_is_an_error_not_a_shift():
-    dnabert = (["x", "y"], torch.zeros(2, 1))
-    esm = (["x"], torch.zeros(1, 2))
-    with pytest.raises(UserError, match="1 frame\\(s\\) have no ESM-2 embedding \\(y\\)"):
-        merge_features(["x", "y"], dnabert, esm)
+def test_a_frame_missing_from_one_embedding_is_left_out_and_named_never_shifted():
+    dnabert = (["x", "y", "z"], torch.tensor([[1.0], [2.0], [3.0]]))
+    esm = (["z", "x"], torch.tensor([[30.0], [10.0]]))
+    ids, merged, missing = merge_features(["x", "y", "z"], dnabert, esm)
+    assert ids == ["x", "z"] and missing == ["y"]
+    assert merged.tolist() == [[1.0, 10.0], [3.0, 30.0]]
 
 
 def _table(path: Path, rows: list[str]) -> Path:

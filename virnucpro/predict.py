@@ -37,19 +37,21 @@ def prediction_rows(ids: list[str], probabilities: torch.Tensor) -> list[str]:
 
 def merge_features(
     ids: list[str], dnabert: tuple[list[str], torch.Tensor], esm: tuple[list[str], torch.Tensor]
-) -> torch.Tensor:
-    """``[DNABERT-S | ESM-2]`` per frame ID, in the order of ``ids``; joined by ID, never by position."""
+) -> tuple[list[str], torch.Tensor, list[str]]:
+    """``[DNABERT-S | ESM-2]`` per frame ID, joined by ID (never by position), in the order of ``ids``.
+
+    Returns the IDs that have both embeddings, their features, and the IDs that lack one.
+    """
     import torch
 
-    rows = []
-    for name, (embedded_ids, vectors) in (("DNABERT-S", dnabert), ("ESM-2", esm)):
-        index = {frame_id: row for row, frame_id in enumerate(embedded_ids)}
-        missing = [frame_id for frame_id in ids if frame_id not in index]
-        if missing:
-            shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
-            raise UserError(f"{len(missing)} frame(s) have no {name} embedding ({shown})")
-        rows.append(vectors[torch.tensor([index[frame_id] for frame_id in ids], dtype=torch.long)])
-    return torch.cat(rows, dim=1).to(torch.float32)
+    indexes = [{frame_id: row for row, frame_id in enumerate(embedded_ids)} for embedded_ids, _ in (dnabert, esm)]
+    kept = [frame_id for frame_id in ids if all(frame_id in index for index in indexes)]
+    missing = [frame_id for frame_id in ids if not all(frame_id in index for index in indexes)]
+    parts = [
+        vectors[torch.tensor([index[frame_id] for frame_id in kept], dtype=torch.long)]
+        for index, (_, vectors) in zip(indexes, (dnabert, esm))
+    ]
+    return kept, torch.cat(parts, dim=1).to(torch.float32), missing
 
 
 def classify_shard(nucleotide: Path, dnabert_s: Path, esm2: Path, classifier: Path, output: Path) -> int:
@@ -65,8 +67,11 @@ def _classify(nucleotide: Path, dnabert, esm, model, output: Path) -> int:
 
     ids = [record.id for record in read_fasta(Path(nucleotide))]
     rows: list[str] = []
+    ids, features, missing = merge_features(ids, dnabert, esm)
+    if missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        log.warning("%s: %d frame(s) lack an embedding and are not classified (%s)", nucleotide, len(missing), shown)
     if ids:
-        features = merge_features(ids, dnabert, esm)
         expected = model.hidden_layer.in_features
         if features.shape[1] != expected:
             raise UserError(
@@ -97,6 +102,7 @@ def predict(
     from virnucpro.chunk import chunk_fasta
     from virnucpro.classifier import load_classifier
     from virnucpro.embed import embed_records, load_embedder, read_embeddings
+    from virnucpro.manifest import append_failure
     from virnucpro.shard import shard_frames
     from virnucpro.translate import translate_fasta
 
@@ -104,7 +110,9 @@ def predict(
     output_dir.mkdir(parents=True, exist_ok=True)
     model = load_classifier(Path(classifier))
     embedders = {name: load_embedder(name, path, device, precision) for name, path in (("dnabert_s", dnabert_s), ("esm2", esm2))}
+    sample = Path(input_path).name
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=output_dir))
+    manifest = work / "failures.tsv"
     try:
         reads_table = work / "reads_index.tsv"
         chunk_fasta(Path(input_path), length, work / "chunked.fa", reads_table=reads_table)
@@ -118,18 +126,29 @@ def predict(
             for name, embedder in embedders.items():
                 source = shard.with_suffix(".fa" if name == "dnabert_s" else ".faa")
                 target = work / f"{shard.name}.{name}.pt"
-                embed_records(embedder, source, target)
+                summary = embed_records(embedder, source, target)
+                for sequence_id, reason in summary.failed.items():
+                    append_failure(
+                        manifest,
+                        sample=sample,
+                        stage=f"embed_{name}",
+                        shard=shard.name,
+                        sequence_id=sequence_id,
+                        error_class="OutOfMemoryError",
+                        message=reason,
+                        attempts=1,
+                    )
                 embedded[name] = read_embeddings(target)
             prediction = work / f"{shard.name}.tsv"
             _classify(shard.with_suffix(".fa"), embedded["dnabert_s"], embedded["esm2"], model, prediction)
             predictions.append(prediction)
             log.info("shard %d/%d classified", index + 1, count)
         aggregate_sample(
-            sample=Path(input_path).name,
+            sample=sample,
             reads_table=reads_table,
             nucleotide=nucleotide,
             predictions=predictions,
-            manifest=None,
+            manifest=manifest,
             output_dir=output_dir,
         )
     finally:
