@@ -1,0 +1,40 @@
+# Stage 6: per sample, the published outputs (rows in input order), the per-read table that
+# accounts for every read, and the sample's failures from the run's failure manifest.
+
+
+rule aggregate_sample:
+    input:
+        reads_index="results/{sample}/work/reads_index.tsv",
+        nucleotide="results/{sample}/work/identified_nucleotide.fa",
+        predictions=get_predictions,
+    output:
+        report(
+            "results/{sample}/prediction_results.txt",
+            caption="../report/predictions.rst",
+            category="Predictions",
+            labels={"sample": "{sample}", "file": "prediction_results.txt"},
+        ),
+        "results/{sample}/prediction_results_highestscore.csv",
+        report(
+            "results/{sample}/reads.tsv",
+            caption="../report/reads.rst",
+            category="Reads",
+            labels={"sample": "{sample}", "file": "reads.tsv"},
+        ),
+        report(
+            "results/{sample}/failures.tsv",
+            caption="../report/failures.rst",
+            category="Failures",
+            labels={"sample": "{sample}", "file": "failures.tsv"},
+        ),
+    params:
+        manifest=FAILURE_MANIFEST,
+        output_dir=lambda wildcards, output: os.path.dirname(output[0]),
+    log:
+        "logs/aggregate/{sample}.log",
+    conda:
+        "../../envs/virnucpro.yaml"
+    shell:
+        "virnucpro aggregate --sample {wildcards.sample} --reads-table {input.reads_index:q}"
+        " --nucleotide {input.nucleotide:q} --predictions {input.predictions:q}"
+        " --failure-manifest {params.manifest:q} --output-dir {params.output_dir:q} 2> {log:q}"

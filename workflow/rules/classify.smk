@@ -1,0 +1,18 @@
+# Stage 5: per shard, join both embeddings by frame ID and run the classifier (CPU).
+
+
+rule classify_shard:
+    input:
+        nucleotide="results/{sample}/work/shards/{shard}.fa",
+        dnabert_s="results/{sample}/work/embeddings/{shard}.dnabert_s.pt",
+        esm2="results/{sample}/work/embeddings/{shard}.esm2.pt",
+        classifier=config["models"]["classifier"],
+    output:
+        "results/{sample}/work/predictions/{shard}.tsv",
+    log:
+        "logs/classify/{sample}/{shard}.log",
+    conda:
+        "../../envs/virnucpro.yaml"
+    shell:
+        "virnucpro classify {input.nucleotide:q} --dnabert-s {input.dnabert_s:q} --esm2 {input.esm2:q}"
+        " --classifier {input.classifier:q} --output {output:q} 2> {log:q}"

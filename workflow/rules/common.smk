@@ -1,0 +1,239 @@
+# Configuration and sample checks (at parse time, one-line errors), the run-time check that the
+# daemons can make progress (onstart), and the input functions of the rules.
+
+import csv
+import math
+import os
+import re
+import shlex
+from pathlib import Path
+
+import jsonschema
+
+from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
+from snakemake.utils import validate
+
+MODELS = ("esm2", "dnabert_s")
+SAMPLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+RESERVED_SAMPLE_NAMES = {"daemons"}  # results/daemons/ holds the daemons' statistics
+SAMPLE_OUTPUTS = (
+    "prediction_results.txt",
+    "prediction_results_highestscore.csv",
+    "reads.tsv",
+    "failures.tsv",
+)
+MODEL_HINTS = {
+    "esm2": "the ESM-2 checkpoint esm2_t36_3B_UR50D.pt (with its -contact-regression.pt beside it)",
+    "dnabert_s": "the DNABERT-S snapshot folder",
+    "classifier": "the classifier 300_model.pth or 500_model.pth",
+}
+
+
+wildcard_constraints:
+    sample=SAMPLE_NAME.pattern,
+    shard=r"shard_[0-9]+",
+    daemon=r"(esm2|dnabert_s)-[0-9]+",
+
+
+def validate_config(config):
+    """Validate `config` against the schema (filling in defaults); a one-line error otherwise."""
+    try:
+        validate(config, "../schemas/config.schema.yaml")
+    except WorkflowError as error:
+        cause = error.__context__  # the jsonschema ValidationError
+        if not isinstance(cause, jsonschema.ValidationError):
+            raise
+        where = ".".join(str(part) for part in cause.absolute_path)
+        key = f"config key '{where}'" if where else "config"
+        raise WorkflowError(f"{key}: {cause.message} (see config/README.md)") from None
+
+
+def read_sample_sheet(path):
+    """Sample name -> FASTA path from a TSV with the header 'sample<TAB>fasta'."""
+    sheet = Path(path)
+    if not sheet.is_file():
+        raise WorkflowError(f"config key 'sample_sheet': file not found: {sheet}")
+    samples = {}
+    with sheet.open(newline="") as handle:
+        rows = csv.reader(handle, delimiter="\t")
+        header = next(rows, None)
+        if header is None or [field.strip() for field in header[:2]] != ["sample", "fasta"]:
+            raise WorkflowError(f"sample sheet {sheet}: the first line must be the header 'sample<TAB>fasta'")
+        for line, row in enumerate(rows, start=2):
+            if not any(field.strip() for field in row):
+                continue
+            if len(row) < 2 or not row[0].strip() or not row[1].strip():
+                raise WorkflowError(f"sample sheet {sheet}, line {line}: expected 'sample<TAB>fasta'")
+            name, fasta = row[0].strip(), row[1].strip()
+            if name in samples:
+                raise WorkflowError(f"sample sheet {sheet}, line {line}: sample '{name}' is listed twice")
+            samples[name] = str(sheet.parent / fasta) if not os.path.isabs(fasta) else fasta
+    return samples
+
+
+def load_samples(config):
+    """Sample name -> FASTA path, from `samples` and `sample_sheet`, checked (names, duplicates, files)."""
+    samples = dict(config["samples"] or {})
+    if config["sample_sheet"]:
+        for name, fasta in read_sample_sheet(config["sample_sheet"]).items():
+            if name in samples:
+                raise WorkflowError(
+                    f"sample '{name}' is defined both in config key 'samples' and in the sample sheet "
+                    f"{config['sample_sheet']}; keep one of them"
+                )
+            samples[name] = fasta
+    for name, fasta in samples.items():
+        if name in RESERVED_SAMPLE_NAMES:
+            raise WorkflowError(f"sample name '{name}' is reserved (results/{name}/ is the workflow's); rename the sample")
+        if not SAMPLE_NAME.fullmatch(name):
+            raise WorkflowError(
+                f"sample name '{name}' is not allowed: use letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit"
+            )
+        if not os.path.isfile(fasta):
+            raise WorkflowError(f"sample '{name}': FASTA file not found: {fasta}")
+    return samples
+
+
+def check_models(config):
+    """Every model path exists; warn when the classifier's file name names the other length."""
+    for key, hint in MODEL_HINTS.items():
+        path = config["models"][key]
+        if not os.path.exists(path):
+            raise WorkflowError(
+                f"config key 'models.{key}': not found: {path}. Put {hint} there (virnucpro models "
+                "download), or for a trial run use small test models: virnucpro make-test-models DIR "
+                "writes them and lists their paths in DIR/models.json"
+            )
+    named = re.findall(r"(?<![0-9])(300|500)(?![0-9])", os.path.basename(config["models"]["classifier"]))
+    if named and int(named[0]) != config["length"]:
+        logger.warning(
+            f"config key 'models.classifier': the file name says {named[0]} but 'length' is "
+            f"{config['length']}; the classifier must match the expected read length"
+        )
+
+
+def daemon_table(config):
+    """Daemon ID ('esm2-0', 'dnabert_s-1', ...) -> {'model', 'device'}, one per configured device."""
+    return {
+        f"{model}-{index}": {"model": model, "device": device}
+        for model in MODELS
+        for index, device in enumerate(config["daemons"][model])
+    }
+
+
+validate_config(config)
+SAMPLES = load_samples(config)
+if SAMPLES:
+    check_models(config)
+else:
+    logger.warning("no samples configured: set 'samples' or 'sample_sheet' in the config (see config/README.md)")
+DAEMON_MODE = config["embedding_mode"] == "daemon"
+DAEMONS = daemon_table(config) if DAEMON_MODE else {}
+RUN_DIR = config["run_dir"]
+STOP_FILE = os.path.join(RUN_DIR, "stop")
+FAILURE_MANIFEST = os.path.join(RUN_DIR, "failures.tsv")
+# Lets envs/virnucpro.yaml install this checkout of the package (pip expands ${VIRNUCPRO_SOURCE}).
+os.environ.setdefault("VIRNUCPRO_SOURCE", str(Path(workflow.basedir).parent))
+
+
+def is_gpu(device):
+    return device.startswith("cuda")
+
+
+def check_progress():
+    """Refuse (before any job starts) a daemon-mode run whose daemons would take every slot."""
+    if not DAEMONS:
+        return
+    count = len(DAEMONS)
+    slots, option = (workflow.cores, "--cores") if workflow.local_exec else (workflow.nodes, "--jobs")
+    if slots is not None and slots <= count:
+        raise WorkflowError(
+            f"{count} daemon(s) would take all {slots} job slot(s) and no embedding job could run: "
+            f"use {option} {count + 1} or more, or configure fewer daemons"
+        )
+    gpus = sum(is_gpu(spec["device"]) for spec in DAEMONS.values())
+    limit = workflow.global_resources.get("gpu").value
+    if gpus and isinstance(limit, int) and limit < gpus:
+        raise WorkflowError(
+            f"{gpus} GPU daemon(s) but only gpu={limit} in --resources: the daemons would wait for "
+            f"each other; use --resources gpu={gpus} or configure fewer GPU daemons"
+        )
+
+
+def get_final_outputs():
+    """Every sample's outputs, and the run statistics in daemon mode."""
+    outputs = expand("results/{sample}/{name}", sample=SAMPLES, name=SAMPLE_OUTPUTS)
+    if DAEMON_MODE and SAMPLES:
+        outputs.append("results/run_stats.json")
+    return outputs
+
+
+def get_fasta(wildcards):
+    return SAMPLES[wildcards.sample]
+
+
+def get_shards(sample):
+    """The shard names of a sample, in order (known once its checkpoint has run)."""
+    shard_dir = checkpoints.shard_frames.get(sample=sample).output[0]
+    names = glob_wildcards(os.path.join(shard_dir, "{shard,shard_[0-9]+}.fa")).shard
+    return sorted(names, key=lambda name: int(name.split("_")[1]))
+
+
+def get_predictions(wildcards):
+    return expand(
+        "results/{sample}/work/predictions/{shard}.tsv",
+        sample=wildcards.sample,
+        shard=get_shards(wildcards.sample),
+    )
+
+
+def get_all_embeddings(wildcards):
+    """Both embedding files of every shard of every sample: the daemons' whole workload."""
+    return [
+        f"results/{sample}/work/embeddings/{shard}.{model}.pt"
+        for sample in SAMPLES
+        for shard in get_shards(sample)
+        for model in MODELS
+    ]
+
+
+def get_daemon_stats():
+    return expand("results/daemons/{daemon}.stats.json", daemon=DAEMONS)
+
+
+def daemon_param(key):
+    return lambda wildcards: DAEMONS[wildcards.daemon][key]
+
+
+def get_daemon_weights(wildcards):
+    return config["models"][DAEMONS[wildcards.daemon]["model"]]
+
+
+def daemon_gpus(wildcards):
+    return int(is_gpu(DAEMONS[wildcards.daemon]["device"]))
+
+
+def embed_device(model):
+    """In-process mode embeds on the first device listed for the model."""
+    return config["daemons"][model][0]
+
+
+def embed_weights(model):
+    """The model as an input of in-process embedding jobs (daemon mode: the daemon holds it)."""
+    return [] if DAEMON_MODE else [config["models"][model]]
+
+
+def embed_gpus(model):
+    return 0 if DAEMON_MODE else int(is_gpu(embed_device(model)))
+
+
+def embed_args(model):
+    """How an embedding job reaches its model: a daemon of the run, or loading it itself."""
+    if DAEMON_MODE:
+        return f"--run-dir {shlex.quote(RUN_DIR)} --timeout {config['client_timeout']}"
+    return (
+        f"--weights {shlex.quote(config['models'][model])} --device {embed_device(model)} "
+        f"--precision {config['precision']}"
+    )
