@@ -8,11 +8,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 run="$repo/demo-run"
 
-if [ ! -x .venv/bin/virnucpro ] || [ ! -x .venv/bin/snakemake ]; then
-    echo "demo: setting up .venv (python3 -m venv, pip install -e '.[test]')"
-    python3 -m venv .venv
-    .venv/bin/pip install --quiet -e '.[test]'
-fi
+bash scripts/setup.sh
 export PATH="$repo/.venv/bin:$PATH"
 
 mkdir -p "$run"
