@@ -448,12 +448,13 @@ def test_when_the_only_daemon_dies_the_client_records_daemon_lost(start_daemon, 
     endpoint = daemon.wait_ready()["endpoint"]
     big = write_proteins(data / "big.faa", 800, seed=32, length=(140, 160))
     thread, outcome = in_thread(request_embedding, run_dir, "esm2", big, data / "big.pt", sample="s9", shard="big",
-                                timeout=120)  # fmt: skip
+                                timeout=120, restart_wait=1.0)  # fmt: skip
     wait_running(endpoint)
     daemon.process.kill()
     daemon.process.wait()
     thread.join(60)
-    assert len(outcome) == 1 and isinstance(outcome[0], UserError) and "died" in str(outcome[0])
+    assert len(outcome) == 1 and isinstance(outcome[0], UserError)
+    assert "died while embedding" in str(outcome[0]) and "no other esm2 daemon was ready within 1 s" in str(outcome[0])
     [entry] = read_failures(run_dir / "failures.tsv")
     assert entry["error_class"] == "DaemonLost" and entry["sample"] == "s9" and entry["shard"] == "big"
     assert entry["daemon"] == "esm2-alone"
@@ -473,17 +474,21 @@ def test_stop_daemons_with_no_daemon_returns_zero_at_once(tmp_path):
 
 
 # --- registry and socket path, no processes -------------------------------------------------------
-def test_the_registry_drops_entries_of_dead_processes_on_this_host(tmp_path):
+def test_the_registry_drops_dead_local_daemons_and_skips_remote_ones_without_a_recent_heartbeat(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     base = {"endpoint": "ipc:///nowhere", "host": os.uname().nodename, "model": "esm2", "state": "ready"}
+    remote = {**base, "pid": dead.pid, "host": "another-node"}
     registry.write_entry(tmp_path, {**base, "daemon_id": "gone", "pid": dead.pid})
     registry.write_entry(tmp_path, {**base, "daemon_id": "here", "pid": os.getpid()})
-    registry.write_entry(tmp_path, {**base, "daemon_id": "remote", "pid": dead.pid, "host": "another-node"})
+    registry.write_entry(tmp_path, {**remote, "daemon_id": "remote", "heartbeat": time.time() - 10})
+    registry.write_entry(tmp_path, {**remote, "daemon_id": "remote-gone", "heartbeat": time.time() - 600})
+    registry.write_entry(tmp_path, {**remote, "daemon_id": "remote-unknown"})
     registry.write_entry(tmp_path, {**base, "daemon_id": "why", "pid": dead.pid, "state": "failed"})
     (tmp_path / "registry" / "junk.json").write_text("{not json")
     assert [entry["daemon_id"] for entry in registry.list_entries(tmp_path)] == ["here", "remote", "why"]
     assert not (tmp_path / "registry" / "gone.json").exists()
+    assert (tmp_path / "registry" / "remote-gone.json").exists()  # skipped, not deleted: its host may be back
     assert registry.list_entries(tmp_path, model="dnabert_s") == []
     assert (tmp_path / "registry").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "registry" / "here.json").stat().st_mode & 0o777 == 0o600

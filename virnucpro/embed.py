@@ -6,6 +6,7 @@ one row per ID in the order of the FASTA file, readable with ``torch.load(path, 
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from virnucpro.embedded import Embedded
 
 MODELS = ("esm2", "dnabert_s")
+
+log = logging.getLogger(__name__)
 
 
 class Embedder(Protocol):
@@ -113,6 +116,57 @@ def embed_fasta(
     """In-process embedding: load the model, embed the file, write ``output``."""
     embedder = load_embedder(model, weights, device=device, precision=precision)
     return embed_records(embedder, input_path, output)
+
+
+def embed_shard(
+    input_path: Path,
+    model: str,
+    weights: Path,
+    output: Path,
+    *,
+    device: str = "cpu",
+    precision: str = "fp32",
+    manifest: Path | None = None,
+    sample: str = "",
+    shard: str = "",
+    on_failure: str = "fail",
+) -> EmbedSummary | None:
+    """In-process embedding of one workflow shard, recording what fails in the failure ``manifest``.
+
+    Sequences that cannot be embedded get a manifest line each. A shard that cannot be embedded gets a
+    line too; then with ``on_failure="record"`` ``output`` is written with no rows and None is returned,
+    with ``"fail"`` the error is raised. A model that cannot be loaded always raises.
+    """
+    from virnucpro.manifest import append_failure
+
+    if on_failure not in ("fail", "record") or (on_failure == "record" and manifest is None):
+        raise UserError("the failure policy must be 'fail', or 'record' with a failure manifest to record in")
+    embedder = load_embedder(model, weights, device=device, precision=precision)
+    fields = {"sample": sample, "stage": f"embed_{canonical_model_name(model)}", "shard": shard}
+    try:
+        summary = embed_records(embedder, Path(input_path), Path(output))
+    except Exception as error:
+        if manifest is not None:
+            message = str(error).strip() or repr(error)
+            append_failure(manifest, error_class=type(error).__name__, message=message, attempts=1, **fields)
+        if on_failure == "fail":
+            raise
+        write_empty_embeddings(Path(output))
+        log.warning("%s: %s: %s; recorded in %s; wrote %s with no rows (failure policy: record)", input_path,
+                    type(error).__name__, error, manifest, output)  # fmt: skip
+        return None
+    for sequence_id, reason in summary.failed.items() if manifest is not None else ():
+        append_failure(manifest, sequence_id=sequence_id, error_class="OutOfMemoryError", message=reason, attempts=1,
+                       **fields)  # fmt: skip
+    return summary
+
+
+def write_empty_embeddings(path: Path) -> None:
+    """An embedding file with no rows (and width 0): what a shard whose embedding failed gets under the
+    ``record`` failure policy, so that classification and the per-read account can go on."""
+    import torch
+
+    write_embeddings(path, [], torch.zeros((0, 0), dtype=torch.float32))
 
 
 def write_embeddings(path: Path, ids: list[str], vectors: torch.Tensor) -> None:

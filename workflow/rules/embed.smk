@@ -1,6 +1,16 @@
 # Stage 4: embed every shard with both models. In daemon mode each job is a light client that
-# hands the shard to a running daemon (daemons.smk) and waits; in in_process mode it loads the
-# model itself.
+# hands the shard to a running daemon (daemons.smk) and waits, giving up early when the run's stop
+# file changes; in in_process mode it loads the model itself. A shard that fails for good is in
+# the failure manifest either way; failure_policy says whether that fails the job (fail) or gives
+# the shard an embedding file with no rows, so that its reads are marked `embedding failed` (continue).
+
+
+# The failure policy of the embedding jobs, and where they record failures (daemon mode: the daemons
+# record in RUN_DIR/failures.tsv) or watch for the end of the run.
+EMBED_FAILURE_ARGS = "--on-failure {} {}".format(
+    "record" if config["failure_policy"] == "continue" else "fail",
+    f"--stop-file {shlex.quote(STOP_FILE)}" if DAEMON_MODE else f"--failure-manifest {shlex.quote(FAILURE_MANIFEST)}",
+)
 
 
 rule embed_esm2:
@@ -11,6 +21,7 @@ rule embed_esm2:
         "results/{sample}/work/embeddings/{shard}.esm2.pt",
     params:
         model_access=embed_args("esm2"),
+        failures=EMBED_FAILURE_ARGS,
     log:
         "logs/embed/{sample}/{shard}.esm2.log",
     resources:
@@ -19,7 +30,7 @@ rule embed_esm2:
         "../../envs/virnucpro.yaml"
     shell:
         "virnucpro embed {input.shard:q} --model esm2 --output {output:q} --sample {wildcards.sample}"
-        " --shard {wildcards.shard} {params.model_access} 2> {log:q}"
+        " --shard {wildcards.shard} {params.model_access} {params.failures} 2> {log:q}"
 
 
 rule embed_dnabert_s:
@@ -30,6 +41,7 @@ rule embed_dnabert_s:
         "results/{sample}/work/embeddings/{shard}.dnabert_s.pt",
     params:
         model_access=embed_args("dnabert_s"),
+        failures=EMBED_FAILURE_ARGS,
     log:
         "logs/embed/{sample}/{shard}.dnabert_s.log",
     resources:
@@ -38,4 +50,4 @@ rule embed_dnabert_s:
         "../../envs/virnucpro.yaml"
     shell:
         "virnucpro embed {input.shard:q} --model dnabert_s --output {output:q} --sample {wildcards.sample}"
-        " --shard {wildcards.shard} {params.model_access} 2> {log:q}"
+        " --shard {wildcards.shard} {params.model_access} {params.failures} 2> {log:q}"
