@@ -23,14 +23,22 @@ ABSENT_MODELS = {"esm2": "absent/esm2.pt", "dnabert_s": "absent/DNABERT-S", "cla
 IDLE_TIMEOUT = 300  # far above a run's length: a daemon that only stops by idling makes a test fail
 
 
-def snakemake(workdir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run snakemake on the workflow in `workdir`, with this virtualenv's bin first on PATH; its
+def snakemake_env() -> dict[str, str]:
+    """This environment, with this virtualenv's bin first on PATH (the rules call virnucpro)."""
+    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def snakemake_command(workdir: Path, *args: str) -> list[str]:
+    return [str(BIN / "snakemake"), "--snakefile", str(SNAKEFILE), "--directory", str(workdir), *args]
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run snakemake on the workflow in `workdir` (environment: `snakemake_env()` unless given); its
     stdout and stderr together are in `.stdout`."""
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    command = [str(BIN / "snakemake"), "--snakefile", str(SNAKEFILE), "--directory", str(workdir), *args]
     return subprocess.run(
-        command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
-    )
+        snakemake_command(workdir, *args), cwd=workdir, env=env or snakemake_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=timeout,
+    )  # fmt: skip
 
 
 def write_config(workdir: Path, models: dict[str, Path], samples: dict[str, str], **keys) -> Path:
@@ -298,3 +306,17 @@ def test_a_failing_job_stops_the_daemons_without_waiting_for_their_idle_timeout(
     assert "duplicate read ID" in result.stdout
     assert time.monotonic() - started < IDLE_TIMEOUT / 2
     assert serve_processes(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_the_run_draws_the_report_plots_and_the_report_renders_them(daemon_run):
+    plots = [daemon_run / "results" / "demo" / "plots" / f"{name}.png" for name in ("scores", "verdicts", "failures")]
+    plots.append(daemon_run / "results" / "daemons.png")
+    for plot in plots:
+        assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), plot
+    result = snakemake(daemon_run, "--report", "report.html", "--configfile", str(daemon_run / "config.yaml"))
+    assert result.returncode == 0, result.stdout[-5000:]
+    html = (daemon_run / "report.html").read_text()
+    for name in [plot.name for plot in plots] + ["run_stats.json", "reads.tsv", "failures.tsv"]:
+        assert name in html, name
+    assert "viral fraction" in html  # a caption

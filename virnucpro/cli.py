@@ -40,6 +40,8 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     if args.run_dir is not None:
         from virnucpro.client import request_embedding
 
+        if args.failure_manifest is not None:
+            raise UserError("--failure-manifest is for in-process embedding; daemons record in RUN_DIR/failures.tsv")
         request_embedding(
             args.run_dir,
             args.model,
@@ -48,14 +50,30 @@ def _cmd_embed(args: argparse.Namespace) -> None:
             sample=args.sample,
             shard=args.shard,
             timeout=args.timeout,
+            on_failure=args.on_failure,
+            stop_file=args.stop_file,
         )
         return
     if args.weights is None:
         raise UserError("embed needs --weights PATH (in-process) or --run-dir DIR (ask a running daemon)")
-    from virnucpro.embed import embed_fasta
+    if args.on_failure == "record" and args.failure_manifest is None:
+        raise UserError("--on-failure record needs --failure-manifest PATH (in-process) or --run-dir DIR")
+    from virnucpro.embed import embed_shard
 
-    summary = embed_fasta(args.input, args.model, args.weights, args.output, args.device, args.precision)
-    logging.info("embedded %d sequences (%d tokens) -> %s", summary.sequences, summary.tokens, args.output)
+    summary = embed_shard(
+        args.input,
+        args.model,
+        args.weights,
+        args.output,
+        device=args.device,
+        precision=args.precision,
+        manifest=args.failure_manifest,
+        sample=args.sample,
+        shard=args.shard,
+        on_failure=args.on_failure,
+    )
+    if summary is not None:
+        logging.info("embedded %d sequences (%d tokens) -> %s", summary.sequences, summary.tokens, args.output)
 
 
 def _cmd_classify(args: argparse.Namespace) -> None:
@@ -82,6 +100,21 @@ def _cmd_run_stats(args: argparse.Namespace) -> None:
     from virnucpro.aggregate import write_run_stats
 
     write_run_stats(args.daemon_stats, args.output)
+
+
+def _cmd_report_plots(args: argparse.Namespace) -> None:
+    from virnucpro.report import daemons_plot, sample_plots
+
+    sample_inputs = (args.reads_table, args.predictions, args.failures)
+    if args.sample is None and args.run_stats is None:
+        raise UserError("report-plots needs --sample (with --reads-table, --predictions, --failures) or --run-stats")
+    if args.sample is not None:
+        if None in sample_inputs:
+            raise UserError("report-plots --sample needs --reads-table, --predictions and --failures")
+        for path in sample_plots(args.sample, *sample_inputs, args.output_dir):
+            logging.info("wrote %s", path)
+    if args.run_stats is not None:
+        logging.info("wrote %s", daemons_plot(args.run_stats, args.output_dir))
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -115,6 +148,10 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         idle_timeout=args.idle_timeout,
         cache_clear_every=args.cache_clear_every,
         stop_file=args.stop_file,
+        max_queue=args.max_queue,
+        drain_grace=args.drain_grace,
+        transport=args.transport,
+        bind_host=args.bind_host,
     )
 
 
@@ -196,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--sample", default="", help="sample name, for the failure manifest")
     sub.add_argument("--shard", default="", help="shard name, for the failure manifest")
     sub.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for a daemon (default 3600)")
+    sub.add_argument("--on-failure", choices=("fail", "record"), default="fail",
+                     help="a shard that fails for good: exit non-zero (fail, default), or, once it is in the failure "
+                     "manifest, write an embedding file with no rows and exit 0 with a warning (record)")  # fmt: skip
+    sub.add_argument("--failure-manifest", type=Path,
+                     help="in-process mode: record failures in this manifest (daemon mode: RUN_DIR/failures.tsv)")
+    sub.add_argument("--stop-file", type=Path,
+                     help="daemon mode: give up waiting for a daemon once this file's content changes (the run ends)")
 
     sub = command("classify", _cmd_classify, "merge the embeddings of one shard by ID and classify its frames")
     sub.add_argument("nucleotide", type=Path, help="the shard's nucleotide FASTA (fixes the row order)")
@@ -215,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("run-stats", _cmd_run_stats, "collect the daemons' statistics into one JSON file")
     sub.add_argument("daemon_stats", type=Path, nargs="*", help="statistics files written by serve")
     sub.add_argument("--output", type=Path, required=True)
+
+    sub = command("report-plots", _cmd_report_plots, "draw the report's plots (PNG) of a sample or of the daemons")
+    sub.add_argument("--output-dir", type=Path, required=True, help="folder for the PNG files")
+    sub.add_argument("--sample", help="sample name: draw scores.png, verdicts.png and failures.png")
+    sub.add_argument("--reads-table", type=Path, help="the sample's reads.tsv")
+    sub.add_argument("--predictions", type=Path, help="the sample's prediction_results.txt")
+    sub.add_argument("--failures", type=Path, help="the sample's failures.tsv")
+    sub.add_argument("--run-stats", type=Path, help="run_stats.json: draw daemons.png")
 
     sub = command("predict", _cmd_predict, "the whole method in one process (counterpart of prediction.py)")
     sub.add_argument("input", type=Path, help="reads, FASTA (plain or gzip)")
@@ -241,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--idle-timeout", type=float, default=600.0, help="exit after this many idle seconds")
     sub.add_argument("--cache-clear-every", type=int, default=10, help="clear the CUDA cache every N shards")
     sub.add_argument("--stop-file", type=Path, help="stop once this file's content differs from its content at start")
+    sub.add_argument("--max-queue", type=int, default=32,
+                     help="shards accepted at once (queued or running); more get 'busy, retry after' (default 32)")
+    sub.add_argument("--drain-grace", type=float, default=25.0,
+                     help="when stopping, seconds to finish the shard in progress before handing it back (default 25)")
+    sub.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
+                     help="ipc: a private local socket (default); tcp: across nodes, CURVE-encrypted and "
+                     "authenticated with the run's keys in RUN_DIR/keys/")  # fmt: skip
+    sub.add_argument("--bind-host", default="*", help="tcp: interface address to listen on (default: all)")
 
     sub = command("stop-daemons", _cmd_stop_daemons, "ask the daemons registered under a run folder to stop")
     sub.add_argument("--run-dir", type=Path, required=True)

@@ -2,10 +2,18 @@
 # daemons can make progress (onstart), and the input functions of the rules.
 
 import csv
+import glob
+import json
+import logging
 import math
 import os
 import re
+import secrets
 import shlex
+import signal
+import socket
+import threading
+import time
 from pathlib import Path
 
 import jsonschema
@@ -23,6 +31,7 @@ SAMPLE_OUTPUTS = (
     "reads.tsv",
     "failures.tsv",
 )
+SAMPLE_PLOTS = ("scores", "verdicts", "failures")  # results/{sample}/plots/*.png, in the report
 MODEL_HINTS = {
     "esm2": "the ESM-2 checkpoint esm2_t36_3B_UR50D.pt (with its -contact-regression.pt beside it)",
     "dnabert_s": "the DNABERT-S snapshot folder",
@@ -133,7 +142,23 @@ DAEMON_MODE = config["embedding_mode"] == "daemon"
 DAEMONS = daemon_table(config) if DAEMON_MODE else {}
 RUN_DIR = config["run_dir"]
 STOP_FILE = os.path.join(RUN_DIR, "stop")
+HEARTBEAT = os.path.join(RUN_DIR, "heartbeat")
 FAILURE_MANIFEST = os.path.join(RUN_DIR, "failures.tsv")
+# With a cluster executor the embedding clients run where snakemake runs (localrules, Snakefile).
+LOCAL_CLIENTS = DAEMON_MODE and config["cluster_local_clients"]
+MAIN_PROCESS = not (workflow.remote_exec or workflow.subprocess_exec)  # not a job's own snakemake
+if MAIN_PROCESS:
+    # This run's identity. Jobs inherit the environment (locally, and through sbatch --export=ALL);
+    # a serve job compares it with the heartbeat's, so a daemon of a killed run never serves a later one.
+    os.environ.update(VIRNUCPRO_RUN_TOKEN=secrets.token_hex(8))
+    # A failing job stops the daemons at once (shell prefix below), unless the run keeps going.
+    stop_on_error = DAEMON_MODE and not getattr(workflow.execution_settings, "keep_going", False)
+    os.environ.update(VIRNUCPRO_STOP_DAEMONS_ON_ERROR="1" if stop_on_error else "0")
+if DAEMON_MODE and os.environ.get("VIRNUCPRO_STOP_DAEMONS_ON_ERROR") == "1":
+    # Set here, not in onstart, so that the jobs' own snakemake processes on a cluster use it too:
+    # when a job's command fails, it stops the daemons instead of the run waiting for their idle timeout.
+    _stop = f"virnucpro -q stop-daemons --run-dir {shlex.quote(RUN_DIR)} --stop-file {shlex.quote(STOP_FILE)} || true"
+    shell.prefix(f"set -euo pipefail; trap {shlex.quote(_stop)} ERR; ".replace("{", "{{").replace("}", "}}"))
 # Lets envs/virnucpro.yaml install this checkout of the package (pip expands ${VIRNUCPRO_SOURCE}).
 os.environ.setdefault("VIRNUCPRO_SOURCE", str(Path(workflow.basedir).parent))
 
@@ -154,7 +179,7 @@ def check_progress():
             f"use {option} {count + 1} or more, or configure fewer daemons"
         )
     gpus = sum(is_gpu(spec["device"]) for spec in DAEMONS.values())
-    limit = workflow.global_resources.get("gpu").value
+    limit = getattr(workflow.global_resources.get("gpu"), "value", None)
     if gpus and isinstance(limit, int) and limit < gpus:
         raise WorkflowError(
             f"{gpus} GPU daemon(s) but only gpu={limit} in --resources: the daemons would wait for "
@@ -163,10 +188,11 @@ def check_progress():
 
 
 def get_final_outputs():
-    """Every sample's outputs, and the run statistics in daemon mode."""
+    """Every sample's outputs and report plots, and the run statistics (and their plot) in daemon mode."""
     outputs = expand("results/{sample}/{name}", sample=SAMPLES, name=SAMPLE_OUTPUTS)
+    outputs += expand("results/{sample}/plots/{name}.png", sample=SAMPLES, name=SAMPLE_PLOTS)
     if DAEMON_MODE and SAMPLES:
-        outputs.append("results/run_stats.json")
+        outputs += ["results/run_stats.json", "results/daemons.png"]
     return outputs
 
 
@@ -207,6 +233,14 @@ def daemon_param(key):
     return lambda wildcards: DAEMONS[wildcards.daemon][key]
 
 
+def daemon_transport(wildcards=None):
+    """The config's transport; else ipc for a local run, tcp (across nodes) with a cluster executor.
+    The main process decides (a job's own snakemake runs locally) and passes it on (onstart)."""
+    if not MAIN_PROCESS:
+        return os.environ.get("VIRNUCPRO_TRANSPORT", "ipc")
+    return config["transport"] or ("ipc" if workflow.local_exec else "tcp")
+
+
 def get_daemon_weights(wildcards):
     return config["models"][DAEMONS[wildcards.daemon]["model"]]
 
@@ -237,3 +271,147 @@ def embed_args(model):
         f"--weights {shlex.quote(config['models'][model])} --device {embed_device(model)} "
         f"--precision {config['precision']}"
     )
+
+
+# --- the daemons' lifecycle when the run does not end well (see daemons.smk) ---------------------
+
+HEARTBEAT_EVERY = 5  # seconds between two heartbeats of the run
+LEFTOVER_WAIT = 120  # seconds to wait at start for the daemons of an earlier run to exit
+STOP_GRACE = 10  # seconds a daemon may take to notice a stop token itself before its serve job ends it
+PROC = Path(os.sep, "proc")  # Linux: the processes (where it is missing, no local client is ended)
+
+
+def write_stop_token(path):
+    """Replace the stop file's content, atomically, by a fresh token: every daemon watching it stops,
+    and every embedding client stops waiting for one."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = f"{path}.{secrets.token_hex(4)}.tmp"
+    with open(temporary, "w") as handle:
+        handle.write(f"stop {time.time():.6f} {secrets.token_hex(16)}\n")
+    os.replace(temporary, path)
+
+
+def read_file(path):
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
+def descendants(pid):
+    """The IDs of the processes below `pid` (from /proc; none where there is no /proc)."""
+    children = {}
+    for stat in glob.glob(str(PROC / "[0-9]*" / "stat")):
+        text = read_file(stat)
+        if text:
+            parent = int(text.rsplit(b")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(Path(stat).parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def end_local_clients():
+    """SIGTERM the embedding clients (`virnucpro embed`) that this snakemake process started."""
+    for pid in descendants(os.getpid()):
+        args = (read_file(PROC / str(pid) / "cmdline") or b"").split(b"\0")
+        if b"embed" in args and any(os.path.basename(arg) == b"virnucpro" for arg in args):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def keep_ending_local_clients(seconds):
+    """A client watches the stop file from its own start: one that started just as the stop token was
+    written would wait for a daemon until its timeout. So end the clients for a while."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        time.sleep(0.5)
+        end_local_clients()
+
+
+def stop_run_daemons():
+    """Stop this run's daemons (a fresh stop token) and its local clients (now and for STOP_GRACE s)."""
+    write_stop_token(STOP_FILE)
+    end_local_clients()
+    threading.Thread(target=keep_ending_local_clients, args=(STOP_GRACE,), daemon=True).start()
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def beat_heartbeat(token):
+    """Write the run's heartbeat, `<token> <count>`, every HEARTBEAT_EVERY seconds, for as long as this
+    (main) snakemake process lives: the serve jobs stop their daemons when it stops changing."""
+    beat = 0
+    while True:
+        temporary = f"{HEARTBEAT}.{token}.tmp"
+        try:
+            with open(temporary, "w") as handle:
+                handle.write(f"{token} {beat}\n")
+            os.replace(temporary, HEARTBEAT)
+        except OSError as error:  # a file system hiccup: try again at the next beat
+            logger.warning(f"could not write the run's heartbeat {HEARTBEAT}: {error}")
+        beat += 1
+        time.sleep(HEARTBEAT_EVERY)
+
+
+class StopDaemonsOnJobError(logging.Handler):
+    """Stops the daemons as soon as snakemake reports a failed job, whatever ended it (its command, or
+    SLURM: time or memory limit, a lost node), instead of the run waiting for their idle timeout."""
+
+    def emit(self, record):
+        if str(getattr(record, "event", "")) == "job_error":
+            stop_run_daemons()
+
+
+def on_interrupt(previous):
+    """A SIGINT/SIGTERM/SIGHUP handler: stop the daemons and the local clients, then do what snakemake
+    (or Python) does with the signal."""
+
+    def handler(number, frame):
+        stop_run_daemons()
+        if callable(previous):
+            previous(number, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
+
+    return handler
+
+
+def wait_for_leftover_daemons():
+    """Wait (boundedly) until the daemons of an earlier run have exited, so that ours can take their IDs."""
+    deadline = time.monotonic() + LEFTOVER_WAIT
+    while True:
+        live = []
+        for path in glob.glob(os.path.join(RUN_DIR, "registry", "*.json")):
+            try:
+                entry = json.loads(read_file(path) or b"{}")
+                pid, here = int(entry.get("pid", 0)), entry.get("host") == socket.gethostname()
+            except (ValueError, TypeError):
+                continue
+            beat = entry.get("heartbeat")  # a daemon on another host refreshes it while it lives
+            gone = here and not pid_alive(pid) or isinstance(beat, (int, float)) and (
+                time.time() - beat > LEFTOVER_WAIT
+            )
+            if entry.get("state") != "failed" and not gone:
+                live.append(f"{entry.get('daemon_id')} (pid {pid} on {entry.get('host')})")
+        if not live:
+            return
+        if time.monotonic() > deadline:
+            logger.warning(f"daemon(s) of an earlier run still registered after {LEFTOVER_WAIT} s: {', '.join(live)}")
+            return
+        time.sleep(1)

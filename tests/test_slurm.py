@@ -1,0 +1,154 @@
+"""The workflow with the SLURM profile (workflow/profiles/slurm) on a real single-node SLURM cluster,
+started by scripts/slurm-cluster.sh: the same outputs as a local run, one model load per daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_workflow import (
+    BIN, DEMO_READS, IDLE_TIMEOUT, REPO, serve_processes, snakemake, snakemake_command, write_config,
+)
+
+pytestmark = pytest.mark.slow
+
+CLUSTER_SCRIPT = REPO / "scripts" / "slurm-cluster.sh"
+SLURM_PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
+COMPARED = ("prediction_results.txt", "prediction_results_highestscore.csv")
+# The test node declares this much memory (not enforced: no cgroups), so that the profile's
+# requests (up to 32 GB for a daemon) fit it as they are.
+NODE_MEMORY_MB = 64000
+# Only what a throw-away cluster needs differs from the profile: no accounting (so squeue gives the
+# job states), quick status checks, and the SLURM logs of successful jobs kept.
+TEST_SETTINGS = {
+    "slurm-status-command": "squeue",
+    "slurm-init-seconds-before-status-checks": 1,
+    "slurm-keep-successful-logs": True,
+}
+
+
+@pytest.fixture(scope="module")
+def slurm_env() -> dict[str, str]:
+    """Start the test cluster (installing SLURM if needed); the environment to reach it. Stopped at the end."""
+    if os.geteuid() != 0 and shutil.which("sbatch") is None:
+        pytest.skip("SLURM is not installed and installing it (apt-get install slurm-wlm munge) needs root")
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", REAL_MEMORY_MB=str(NODE_MEMORY_MB))
+    started = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=900)
+    assert started.returncode == 0, started.stdout + started.stderr
+    export = started.stdout.strip().splitlines()[-1]
+    assert export.startswith("export SLURM_CONF="), started.stdout
+    env["SLURM_CONF"] = export.split("=", 1)[1]
+    yield env
+    subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
+
+
+def write_profile(workdir: Path, **resources: dict) -> Path:
+    """The SLURM profile with the test cluster's settings (and these rules' resources changed)."""
+    settings = yaml.safe_load(SLURM_PROFILE.read_text())
+    for rule, values in resources.items():
+        settings["set-resources"][rule] = {**settings["set-resources"].get(rule, {}), **values}
+    profile = workdir / "profile"
+    profile.mkdir()
+    (profile / "config.yaml").write_text(yaml.safe_dump({**settings, **TEST_SETTINGS}))
+    return profile
+
+
+def slurm_jobs(env: dict[str, str]) -> str:
+    queue = subprocess.run(["squeue", "-h", "-t", "PENDING,RUNNING,COMPLETING", "-o", "%i %j"], env=env,
+                           capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+    return queue.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def runs(slurm_env, test_models, tmp_path_factory) -> dict[str, Path]:
+    """The demo reads through the workflow twice: locally, and with the SLURM profile."""
+    local = tmp_path_factory.mktemp("local-run")
+    config = write_config(local, test_models, {"demo": str(DEMO_READS)})
+    result = snakemake(local, "--cores", "3", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout[-10000:]
+
+    cluster = tmp_path_factory.mktemp("slurm-run")
+    config = write_config(cluster, test_models, {"demo": str(DEMO_READS)})
+    profile = write_profile(cluster)
+    result = snakemake(cluster, "--workflow-profile", str(profile), "--configfile", str(config), env=slurm_env)
+    (cluster / "snakemake.out").write_text(result.stdout)
+    assert result.returncode == 0, result.stdout[-10000:]
+    return {"local": local, "slurm": cluster}
+
+
+def test_the_slurm_run_gives_the_local_run_outputs_byte_for_byte(runs):
+    for name in COMPARED:
+        expected = (runs["local"] / "results" / "demo" / name).read_bytes()
+        assert (runs["slurm"] / "results" / "demo" / name).read_bytes() == expected, name
+    assert expected.count(b"\n") > 100
+
+
+def test_each_daemon_was_a_slurm_job_that_loaded_its_model_once_and_served_over_tcp(runs):
+    stats = json.loads((runs["slurm"] / "results" / "run_stats.json").read_text())
+    daemons = {entry["daemon_id"]: entry for entry in stats["daemons"]}
+    assert sorted(daemons) == ["dnabert_s-0", "esm2-0"]
+    for daemon_id, entry in daemons.items():
+        assert entry["model_loads"] == 1, daemon_id
+        assert entry["shards"] >= 4, daemon_id
+        assert entry["exit_reason"] == "stopped", daemon_id
+        assert entry["transport"] == "tcp", daemon_id
+        # SLURM's log of the serve job: it ran under sbatch (kept by slurm-keep-successful-logs)
+        assert list((runs["slurm"] / "logs" / "slurm" / "rule_serve_model" / daemon_id).glob("*.log")), daemon_id
+
+
+def test_the_embedding_clients_ran_locally_and_the_other_steps_as_slurm_jobs(runs):
+    out = (runs["slurm"] / "snakemake.out").read_text()
+    assert "localrule embed_esm2:" in out and "localrule embed_dnabert_s:" in out
+    assert "rule embed_esm2:" not in out.replace("localrule embed_esm2:", "")
+    for rule in ("serve_model", "chunk_reads", "translate_chunks", "shard_frames", "classify_shard", "aggregate_sample"):
+        assert list((runs["slurm"] / "logs" / "slurm" / f"rule_{rule}").glob("*/*.log")), rule
+
+
+def test_no_slurm_job_and_no_daemon_is_left_after_the_run(runs, slurm_env):
+    assert slurm_jobs(slurm_env) == ""
+    assert serve_processes(runs["slurm"]) == []
+
+
+def test_a_run_that_failed_before_its_daemons_started_ends_them_without_waiting_for_their_idle_timeout(
+    slurm_env, test_models, tmp_path
+):
+    # sbatch refuses the first job (a node feature that no node has), so no job shell runs (nor its
+    # trap): snakemake itself writes the stop token. The serve jobs are held in the queue until then
+    # (as if they waited for GPUs), see no change of the token themselves, and their shells end them.
+    config = write_config(tmp_path, test_models, {"demo": str(DEMO_READS)})
+    profile = write_profile(tmp_path, chunk_reads={"constraint": "no_such_feature"}, serve_model={"slurm_extra": "--hold"})
+    command = snakemake_command(tmp_path, "--workflow-profile", str(profile), "--configfile", str(config))
+    with open(tmp_path / "snakemake.out", "w") as out:
+        run = subprocess.Popen(command, cwd=tmp_path, env=slurm_env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while "sbatch failed" not in (tmp_path / "snakemake.out").read_text():
+        assert run.poll() is None and time.monotonic() < deadline, (tmp_path / "snakemake.out").read_text()
+        time.sleep(0.2)
+    held = slurm_jobs(slurm_env).split()[::2]
+    assert len(held) == 2  # the two serve jobs
+    subprocess.run(["scontrol", "release", ",".join(held)], env=slurm_env, check=True, timeout=30)
+    released = time.monotonic()
+    run.wait(timeout=IDLE_TIMEOUT / 2)
+    print(f"daemons started after the run failed: the run ended {time.monotonic() - released:.0f} s later")
+    output = (tmp_path / "snakemake.out").read_text()
+    assert run.returncode != 0 and "Error in rule chunk_reads" in output
+    for log in (tmp_path / "logs" / "daemons").glob("*-0.log"):
+        assert "SIGTERM received" in log.read_text(), log.name
+    assert slurm_jobs(slurm_env) == "" and serve_processes(tmp_path) == []
+
+
+def test_a_job_limit_that_the_daemons_would_fill_is_refused_before_any_job(slurm_env, test_models, tmp_path):
+    config = write_config(tmp_path, test_models, {"demo": str(DEMO_READS)})
+    profile = write_profile(tmp_path)
+    result = snakemake(tmp_path, "--workflow-profile", str(profile), "--jobs", "2", "--configfile", str(config),
+                       env=slurm_env, timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    assert "--jobs 3" in result.stdout and "would take all 2 job slot(s)" in result.stdout
+    assert not (tmp_path / "results").exists() and slurm_jobs(slurm_env) == ""

@@ -1,0 +1,61 @@
+# The plots of the Snakemake report (snakemake --report report.html, after a run): per sample, the
+# score distribution, the verdicts and the failures; per run, the daemons' throughput and load times.
+
+
+rule plot_sample:
+    input:
+        reads="results/{sample}/reads.tsv",
+        predictions="results/{sample}/prediction_results.txt",
+        failures="results/{sample}/failures.tsv",
+    output:
+        report(
+            "results/{sample}/plots/scores.png",
+            caption="../report/scores.rst",
+            category="Samples",
+            subcategory="{sample}",
+            labels={"sample": "{sample}", "plot": "virus scores"},
+        ),
+        report(
+            "results/{sample}/plots/verdicts.png",
+            caption="../report/verdicts.rst",
+            category="Samples",
+            subcategory="{sample}",
+            labels={"sample": "{sample}", "plot": "verdicts"},
+        ),
+        report(
+            "results/{sample}/plots/failures.png",
+            caption="../report/failures_plot.rst",
+            category="Samples",
+            subcategory="{sample}",
+            labels={"sample": "{sample}", "plot": "failures"},
+        ),
+    params:
+        output_dir=lambda wildcards, output: os.path.dirname(output[0]),
+    log:
+        "logs/report/{sample}.log",
+    conda:
+        "../../envs/virnucpro.yaml"
+    shell:
+        "virnucpro report-plots --sample {wildcards.sample} --reads-table {input.reads:q}"
+        " --predictions {input.predictions:q} --failures {input.failures:q}"
+        " --output-dir {params.output_dir:q} 2> {log:q}"
+
+
+rule plot_daemons:
+    input:
+        "results/run_stats.json",
+    output:
+        report(
+            "results/daemons.png",
+            caption="../report/daemons.rst",
+            category="Run statistics",
+            labels={"plot": "model daemons"},
+        ),
+    params:
+        output_dir=lambda wildcards, output: os.path.dirname(output[0]),
+    log:
+        "logs/report/daemons.log",
+    conda:
+        "../../envs/virnucpro.yaml"
+    shell:
+        "virnucpro report-plots --run-stats {input:q} --output-dir {params.output_dir:q} 2> {log:q}"
