@@ -396,7 +396,8 @@ def test_a_daemon_that_cannot_load_its_model_says_why_in_the_registry(start_daem
 @pytest.mark.slow
 def test_sigterm_during_a_shard_lets_the_shard_finish_then_the_daemon_exits(start_daemon, models, tmp_path):
     run_dir, data = tmp_path / "run", tmp_path / "data"
-    daemon = start_daemon(run_dir, "esm2-term", "esm2", models["esm2"], [data])
+    # a drain grace far above the shard's time, even on a loaded machine: the shard must finish
+    daemon = start_daemon(run_dir, "esm2-term", "esm2", models["esm2"], [data], "--drain-grace", "300")
     endpoint = daemon.wait_ready()["endpoint"]
     big = write_proteins(data / "big.faa", 800, seed=30, length=(140, 160))
     thread, outcome = in_thread(request_embedding, run_dir, "esm2", big, data / "big.pt", timeout=120)
