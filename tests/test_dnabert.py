@@ -372,3 +372,10 @@ def test_alibi_slopes_for_twelve_heads_are_the_eight_head_ones_then_odd_sixteent
 def test_importing_the_module_does_not_import_torch():
     code = "import sys, virnucpro.dnabert, virnucpro.embedded; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_a_compiled_encoder_gives_the_same_vectors(snapshot, model):
+    sequences = ["ACGTTGCA" * 20, "GATTACA", "T"]
+    compiled = load_dnabert_s(snapshot, compile_model=True).embed(sequences).vectors
+    assert torch.allclose(compiled, model.embed(sequences).vectors, atol=1e-5, rtol=0)

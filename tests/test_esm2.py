@@ -311,3 +311,94 @@ def test_giving_back_mapped_pages_keeps_the_data_and_never_touches_other_memory(
     pages.release(anonymous)
     assert torch.equal(mapped, before)  # dropped pages of the file mapping are read again from the file
     assert torch.equal(anonymous, kept)
+
+
+# --- the fused-attention forward (the default) against fair-esm's own ---
+
+
+def fair_esm_tokens(proteins: list[str]) -> torch.Tensor:
+    """What fair-esm's batch converter makes of the proteins: <cls> residues <eos>, padded."""
+    return Alphabet.from_architecture("ESM-1b").get_batch_converter()([(str(i), p) for i, p in enumerate(proteins)])[2]
+
+
+def test_fused_attention_forward_equals_fair_esm_forward_at_every_layer(checkpoint: Path, reference: ESM2) -> None:
+    tokens = fair_esm_tokens(random_proteins(10, 250, seed=12))
+    tokens[2, 7] = Alphabet.from_architecture("ESM-1b").mask_idx  # token dropout rescales this row
+    real = tokens.ne(Alphabet.from_architecture("ESM-1b").padding_idx)
+    assert (~real).any()  # padding really happens
+    embedder = load_esm2(checkpoint)
+    assert type(embedder.model).__name__ == "SdpaESM2" and isinstance(embedder.model, ESM2)
+    with torch.no_grad():
+        ours = embedder.model(tokens, repr_layers=[0, 1, 2])["representations"]
+        theirs = reference(tokens, repr_layers=[0, 1, 2])["representations"]
+    for layer in (0, 1, 2):
+        torch.testing.assert_close(ours[layer][real], theirs[layer][real], atol=1e-5, rtol=1e-5)
+
+
+def test_fair_esm_attention_option_runs_fair_esm_forward_and_gives_the_same_vectors(checkpoint: Path) -> None:
+    proteins = random_proteins(20, 300, seed=13)
+    fair = load_esm2(checkpoint, attention="fair-esm")
+    assert type(fair.model) is ESM2
+    torch.testing.assert_close(fair.embed(proteins).vectors, load_esm2(checkpoint).embed(proteins).vectors,
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_an_unknown_attention_is_refused(checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="attention"):
+        load_esm2(checkpoint, attention="flash")
+
+
+def test_half_precision_keeps_the_rotary_frequencies_in_fp32_and_exact(checkpoint: Path) -> None:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        stored = torch.load(checkpoint, weights_only=True)["model"]
+    embedder = load_esm2(checkpoint, dtype=torch.bfloat16)
+    for index, layer in enumerate(embedder.model.layers):
+        inv_freq = layer.self_attn.rot_emb.inv_freq
+        assert inv_freq.dtype == torch.float32
+        assert torch.equal(inv_freq, stored[f"encoder.sentence_encoder.layers.{index}.self_attn.rot_emb.inv_freq"].float())
+    assert layer.fc1.weight.dtype == torch.bfloat16
+
+
+def test_encoding_equals_fair_esm_alphabet_encode(checkpoint: Path) -> None:
+    alphabet = Alphabet.from_architecture("ESM-1b")
+    embedder = load_esm2(checkpoint)
+    letters = "".join(token for token in alphabet.all_toks if len(token) == 1)
+    assert len(letters) == 27 and "X" in letters and "-" in letters
+    rng = random.Random(14)
+    proteins = [letters] + ["".join(rng.choice(letters) for _ in range(rng.randint(1, 80))) for _ in range(50)]
+    proteins += ["MK<mask>V", "<unk>AC", "M<cls>K<eos>", "MK V"]  # fair-esm reads special tokens, drops spaces
+    for protein in proteins:
+        assert embedder.encode(protein) == alphabet.encode(protein), protein
+    for unknown in ("MKj", "MKé"):  # fair-esm fails on a letter it does not know, and so do we
+        with pytest.raises(KeyError):
+            alphabet.encode(unknown)
+        with pytest.raises(KeyError):
+            embedder.encode(unknown)
+
+
+def test_the_cpu_batch_budget_is_the_published_2048_unless_given(checkpoint: Path) -> None:
+    assert load_esm2(checkpoint).toks_per_batch == 2048
+    assert load_esm2(checkpoint, toks_per_batch=500).toks_per_batch == 500
+
+
+@pytest.mark.slow
+def test_a_compiled_model_gives_the_same_vectors(checkpoint: Path) -> None:
+    proteins = random_proteins(6, 120, seed=15)
+    compiled = load_esm2(checkpoint, compile_model=True).embed(proteins).vectors
+    torch.testing.assert_close(compiled, load_esm2(checkpoint).embed(proteins).vectors, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_with_different_rotary_frequencies_each_use_their_own(checkpoint: Path, tmp_path: Path) -> None:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        data = torch.load(checkpoint, weights_only=True)
+    data["model"]["encoder.sentence_encoder.layers.1.self_attn.rot_emb.inv_freq"] *= 1.5
+    changed = tmp_path / "esm2_changed_rotary.pt"
+    torch.save(data, changed)
+    assert load_esm2(checkpoint).model.shared_rotary
+    embedder = load_esm2(changed)
+    assert not embedder.model.shared_rotary
+    proteins = random_proteins(8, 200, seed=16)
+    vectors = embedder.embed(proteins).vectors
+    torch.testing.assert_close(vectors, load_esm2(changed, attention="fair-esm").embed(proteins).vectors,
+                               atol=1e-5, rtol=1e-5)  # fmt: skip
+    assert (vectors - load_esm2(checkpoint).embed(proteins).vectors).abs().max() > 1e-3

@@ -51,12 +51,15 @@ class DnabertEncoder(nn.Module):
         self.embed_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(_Layer(cfg) for _ in range(cfg.num_hidden_layers))
         self.slopes = alibi_slopes(cfg.num_attention_heads)  # plain floats: untouched by .to(dtype)
+        self._slopes_on: dict[torch.device, torch.Tensor] = {}
 
     def attention_bias(self, real: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[B, heads, L, L]: -slope * |i - j|, plus PADDED_KEY_BIAS on padded keys (padding at the right)."""
         positions = torch.arange(real.shape[1], device=real.device)
         distance = (positions[None, :] - positions[:, None]).abs().to(torch.float32)
-        slopes = torch.tensor(self.slopes, dtype=torch.float32, device=real.device)
+        slopes = self._slopes_on.get(real.device)
+        if slopes is None:  # made once per device: no copy to the device per batch
+            slopes = self._slopes_on[real.device] = torch.tensor(self.slopes, dtype=torch.float32, device=real.device)
         alibi = -slopes[:, None, None] * distance
         padded = (~real).to(torch.float32)[:, None, None, :] * PADDED_KEY_BIAS
         return (alibi[None] + padded).to(dtype)

@@ -164,14 +164,16 @@ class DnabertS:
 
         A batch that runs out of GPU memory is split in halves and retried after clearing the cache;
         a sequence that does not fit even alone is left out: its row is NaN and ``failed`` says why.
+        On a GPU the batches are queued without waiting for the device, and the vectors are copied
+        back once at the end.
         """
         import torch
 
-        from virnucpro.embedded import Embedded, run_splitting_on_oom
+        from virnucpro.embedded import Embedded, run_splitting_on_oom, to_device
 
         ids = [encoding.ids for encoding in self.tokenizer.encode_batch(list(sequences))]
         lengths = [len(row) for row in ids]
-        vectors = torch.full((len(ids), self.dim), float("nan"), dtype=torch.float32)
+        vectors = torch.full((len(ids), self.dim), float("nan"), dtype=torch.float32, device=self.device)
 
         def run(batch: list[int]) -> None:
             longest = max(lengths[index] for index in batch)
@@ -179,10 +181,11 @@ class DnabertS:
             for row, index in enumerate(batch):
                 input_ids[row, : lengths[index]] = torch.tensor(ids[index], dtype=torch.long)
             counts = torch.tensor([lengths[index] for index in batch])
-            real = torch.arange(longest)[None, :] < counts[:, None]
-            hidden = self.encoder(input_ids.to(self.device), real.to(self.device)).float()
-            sums = (hidden * real.to(self.device)[..., None]).sum(dim=1).cpu()
-            vectors[torch.tensor(batch)] = sums / counts[:, None]
+            input_ids, counts, rows = (to_device(t, self.device) for t in (input_ids, counts, torch.tensor(batch)))
+            real = torch.arange(longest, device=input_ids.device)[None, :] < counts[:, None]
+            hidden = self.encoder(input_ids, real).float()
+            sums = (hidden * real[..., None]).sum(dim=1)
+            vectors.index_copy_(0, rows, sums / counts[:, None])
 
         failed: dict[int, str] = {}
         out_of_memory = 0
@@ -192,7 +195,7 @@ class DnabertS:
                 failed.update(outcome.failed)
                 out_of_memory += outcome.out_of_memory
         tokens = sum(length for index, length in enumerate(lengths) if index not in failed)
-        return Embedded(vectors=vectors, tokens=tokens, failed=failed, out_of_memory=out_of_memory)
+        return Embedded(vectors=vectors.cpu(), tokens=tokens, failed=failed, out_of_memory=out_of_memory)
 
     def _clear_cache(self) -> None:
         import torch
@@ -201,8 +204,11 @@ class DnabertS:
             torch.cuda.empty_cache()
 
 
-def load_dnabert_s(snapshot_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None) -> DnabertS:
-    """Load a published DNABERT-S snapshot folder onto ``device`` (fp32 unless ``dtype`` says otherwise)."""
+def load_dnabert_s(
+    snapshot_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None, compile_model: bool = False
+) -> DnabertS:
+    """Load a published DNABERT-S snapshot folder onto ``device`` (fp32 unless ``dtype`` says otherwise);
+    ``compile_model`` runs the encoder through ``torch.compile``."""
     import torch
 
     from virnucpro._dnabert_model import build_encoder, expected_shapes
@@ -216,6 +222,8 @@ def load_dnabert_s(snapshot_dir: Path, device: str = "cpu", dtype: torch.dtype |
     tensors = select_tensors(raw, expected_shapes(config), source)
     encoder = build_encoder(config, tensors)
     encoder.to(device=device, dtype=dtype or torch.float32)
+    if compile_model:
+        encoder = torch.compile(encoder, dynamic=True)
     return DnabertS(tokenizer, encoder, device)
 
 

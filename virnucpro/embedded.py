@@ -63,3 +63,12 @@ def run_splitting_on_oom(
             half = len(part) // 2
             pending += [part[half:], part[:half]]
     return OomOutcome(failed=failed, out_of_memory=errors)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU ``tensor`` on ``device``; to a GPU through pinned memory, without waiting for the copy."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)

@@ -14,6 +14,11 @@ after which its mapped pages are given back; so the host holds one copy of the w
 The contact-regression companion is not needed for embeddings: when it is missing, fair-esm refuses
 the checkpoint, ``load_esm2`` only logs a warning and leaves the (unused) contact head at zero.
 
+The forward pass runs on PyTorch's fused attention (``virnucpro._esm2_model.SdpaESM2``: fair-esm's
+model with a representations-only forward), equal to fair-esm's own in fp32 to float rounding;
+``attention="fair-esm"`` runs fair-esm's forward instead. Proteins are tokenized as fair-esm's
+alphabet does, one-letter tokens by table lookup (fair-esm's tokenizer took 1 ms per protein).
+
 Long proteins are handled as the published VirNucPro does (see docs/models.md): the whole protein
 goes through the model (no ``truncation_seq_length``; fair-esm's extract.py would cut it to 1022
 residues), and the vector is the mean over residues 1 .. min(1024, len).
@@ -40,6 +45,10 @@ MEAN_POSITIONS = 1024
 """The published vector is the mean of the representations at positions 1 .. min(1024, len)."""
 TOKS_PER_BATCH = 2048
 """The published token budget per batch (fair-esm's ``get_batch_indices``, ``extra_toks_per_seq=1``)."""
+GPU_TOKS_PER_BATCH = 16384
+"""The default budget on a GPU: bigger matrix products, fewer launches; the vectors do not depend on it."""
+ATTENTION = ("sdpa", "fair-esm")
+_ROTARY = "rot_emb.inv_freq"
 
 _PREFIXES = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
 _CONTACT_HEAD = "contact_head."
@@ -67,37 +76,51 @@ class Esm2Embedder:
         self.alphabet = alphabet
         self.layer = layer
         self.toks_per_batch = toks_per_batch
-        self.batch_converter = alphabet.get_batch_converter()
         self.dim: int = model.embed_dim
         self.num_layers: int = model.num_layers
         self.device: torch.device = model.embed_tokens.weight.device
+        self._letters = _letter_table(alphabet)
+
+    def encode(self, sequence: str) -> list[int]:
+        """The protein's token ids without ``<cls>``/``<eos>``, as fair-esm's ``alphabet.encode`` gives them."""
+        if sequence.isascii():
+            ids = [self._letters[code] for code in sequence.encode("ascii")]
+            if -1 not in ids:
+                return ids
+        return self.alphabet.encode(sequence)
 
     def embed(self, sequences: list[str]) -> Embedded:
         """Mean representation of ``layer`` over residues 1..min(1024, len), one row per sequence in input order.
 
         Batches as published (sorted by length, ``toks_per_batch``). A batch that runs out of GPU
         memory is split in halves and retried after clearing the cache; a protein that does not fit
-        even alone is left out: its row is NaN and ``failed`` says why.
+        even alone is left out: its row is NaN and ``failed`` says why. On a GPU the batches are
+        queued without waiting for the device, and the vectors are copied back once at the end.
         """
         import torch
         from esm.data import FastaBatchedDataset
 
-        from virnucpro.embedded import Embedded, run_splitting_on_oom
+        from virnucpro.embedded import Embedded, run_splitting_on_oom, to_device
 
         for index, sequence in enumerate(sequences):
             if not sequence:
                 raise UserError(f"protein sequence #{index + 1} is empty: ESM-2 cannot embed an empty protein")
-        vectors = torch.full((len(sequences), self.dim), float("nan"), dtype=torch.float32)
+        encoded = [self.encode(sequence) for sequence in sequences]
+        vectors = torch.full((len(sequences), self.dim), float("nan"), dtype=torch.float32, device=self.device)
         dataset = FastaBatchedDataset([str(i) for i in range(len(sequences))], sequences)
         batches = dataset.get_batch_indices(self.toks_per_batch, extra_toks_per_seq=1)
 
         def run(batch: list[int]) -> None:
-            _, strs, tokens = self.batch_converter([dataset[i] for i in batch])
-            out = self.model(tokens.to(self.device), repr_layers=[self.layer])
+            tokens = self._tokens([encoded[i] for i in batch])
+            # the published mean covers positions 1..min(1024, len(string)) of what the row holds
+            ends = torch.tensor([min(MEAN_POSITIONS, len(sequences[i]), tokens.shape[1] - 1) for i in batch])
+            tokens, ends, rows = (to_device(t, self.device) for t in (tokens, ends, torch.tensor(batch)))
+            out = self.model(tokens, repr_layers=[self.layer])
             representations = out["representations"][self.layer]
-            for row, (index, sequence) in enumerate(zip(batch, strs)):
-                end = min(MEAN_POSITIONS, len(sequence))
-                vectors[index] = representations[row, 1 : end + 1].float().mean(0).cpu()
+            positions = torch.arange(tokens.shape[1], device=self.device)
+            take = (positions[None, :] >= 1) & (positions[None, :] <= ends[:, None])
+            sums = (representations.float() * take[..., None]).sum(dim=1)
+            vectors.index_copy_(0, rows, sums / ends[:, None])
 
         failed: dict[int, str] = {}
         out_of_memory = 0
@@ -109,7 +132,19 @@ class Esm2Embedder:
                 failed.update(outcome.failed)
                 out_of_memory += outcome.out_of_memory
         tokens = sum(len(s) + 2 for i, s in enumerate(sequences) if i not in failed)
-        return Embedded(vectors=vectors, tokens=tokens, failed=failed, out_of_memory=out_of_memory)
+        return Embedded(vectors=vectors.cpu(), tokens=tokens, failed=failed, out_of_memory=out_of_memory)
+
+    def _tokens(self, encoded: list[list[int]]) -> torch.Tensor:
+        """``<cls>`` ids ``<eos>`` per row, padded: what fair-esm's batch converter returns."""
+        import torch
+
+        alphabet = self.alphabet
+        tokens = torch.full((len(encoded), max(map(len, encoded)) + 2), alphabet.padding_idx, dtype=torch.int64)
+        tokens[:, 0] = alphabet.cls_idx
+        for row, ids in enumerate(encoded):
+            tokens[row, 1 : len(ids) + 1] = torch.tensor(ids, dtype=torch.int64)
+            tokens[row, len(ids) + 1] = alphabet.eos_idx
+        return tokens
 
     def _clear_cache(self) -> None:
         import torch
@@ -118,23 +153,42 @@ class Esm2Embedder:
             torch.cuda.empty_cache()
 
 
+def _letter_table(alphabet: Any) -> list[int]:
+    """Token id of each ASCII code that is a one-letter token of the alphabet, -1 for the others."""
+    table = [-1] * 128
+    for token in alphabet.all_toks:
+        if len(token) == 1 and token.isascii() and not token.isspace():
+            table[ord(token)] = alphabet.get_idx(token)
+    return table
+
+
 def load_esm2(
     checkpoint: Path,
     device: str = "cpu",
     dtype: torch.dtype | None = None,
     layer: int | None = None,
-    toks_per_batch: int = TOKS_PER_BATCH,
+    toks_per_batch: int | None = None,
+    attention: str = "sdpa",
+    compile_model: bool = False,
 ) -> Esm2Embedder:
-    """Load a published-format ESM-2 checkpoint onto ``device`` (fp32 unless ``dtype``, last layer unless ``layer``)."""
+    """Load a published-format ESM-2 checkpoint onto ``device`` (fp32 unless ``dtype``, last layer unless ``layer``).
+
+    ``toks_per_batch``: the published 2048 on the CPU, ``GPU_TOKS_PER_BATCH`` on a GPU unless given.
+    ``attention``: ``"sdpa"`` (PyTorch's fused attention, see ``virnucpro._esm2_model``) or ``"fair-esm"``
+    (fair-esm's own forward). ``compile_model``: run the model through ``torch.compile``.
+    """
     import torch
     from esm.data import Alphabet
-    from esm.model.esm2 import ESM2
 
     from virnucpro.safeload import MappedPages, load_allowlisted
 
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise UserError(f"ESM-2 checkpoint not found: {checkpoint}; {_HINT}")
+    if toks_per_batch is None:
+        toks_per_batch = GPU_TOKS_PER_BATCH if torch.device(device).type == "cuda" else TOKS_PER_BATCH
     if toks_per_batch < 1:
         raise UserError(f"ESM-2 batch token budget must be positive, got {toks_per_batch}")
     data = load_allowlisted(checkpoint, [argparse.Namespace], mmap=True, hint=_HINT)
@@ -155,8 +209,9 @@ def load_esm2(
     state.update(_contact_regression(checkpoint))
 
     alphabet = Alphabet.from_architecture("ESM-1b")
+    model_class = _model_class(attention)
     with torch.device("meta"):
-        model = ESM2(
+        model = model_class(
             num_layers=cfg.encoder_layers,
             embed_dim=cfg.encoder_embed_dim,
             attention_heads=cfg.encoder_attention_heads,
@@ -164,10 +219,29 @@ def load_esm2(
             token_dropout=cfg.token_dropout,
         )
     _check_state(checkpoint, model, state)
-    weights = place_tensors(state, torch.device(device), dtype or torch.float32, MappedPages(checkpoint))
+    pages, target = MappedPages(checkpoint), torch.device(device)
+    # the fused path keeps the rotary frequencies in fp32 (fair-esm's own forward needs them in the model dtype)
+    rotary = {name: state.pop(name) for name in list(state) if attention == "sdpa" and name.endswith(_ROTARY)}
+    weights = place_tensors(state, target, dtype or torch.float32, pages)
+    weights.update(place_tensors(rotary, target, torch.float32, pages))
     model.load_state_dict(weights, strict=True, assign=True)
     model.lm_head.weight = model.embed_tokens.weight  # the published model ties these two
-    return Esm2Embedder(model.eval(), alphabet, layer, toks_per_batch)
+    if attention == "sdpa":
+        model.share_rotary_buffers()
+    model.eval()
+    if compile_model:
+        model = torch.compile(model, dynamic=True)
+    return Esm2Embedder(model, alphabet, layer, toks_per_batch)
+
+
+def _model_class(attention: str) -> type:
+    if attention == "fair-esm":
+        from esm.model.esm2 import ESM2
+
+        return ESM2
+    from virnucpro._esm2_model import SdpaESM2
+
+    return SdpaESM2
 
 
 def place_tensors(
