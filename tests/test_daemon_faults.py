@@ -442,7 +442,8 @@ def test_sigterm_hands_back_a_long_shard_after_the_grace_and_a_restart_under_the
     run_dir, data = tmp_path / "run", tmp_path / "data"
     first = start_daemon(run_dir, "esm2-0", "esm2", models["esm2"], [data], "--drain-grace", "1")
     endpoint = first.wait_ready()["endpoint"]
-    big = write_proteins(data / "big.faa", 700, seed=70, length=(140, 160))
+    # big enough that it cannot finish in the moments the first daemon runs after SIGTERM and SIGCONT
+    big = write_proteins(data / "big.faa", 3000, seed=70, length=(300, 400))
     thread, outcome = in_thread(request_embedding, run_dir, "esm2", big, data / "big.pt", sample="s", shard="big",
                                 timeout=180)  # fmt: skip
     wait_running(endpoint)
