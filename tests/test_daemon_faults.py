@@ -18,7 +18,9 @@ import pytest
 import torch
 import zmq
 
-from test_daemon import Daemon, ask_json, fasta_ids, in_thread, models, start_daemon, wait_running, write_proteins
+from test_daemon import (
+    ask_json, fasta_ids, in_thread, models, shared, start_daemon, wait_running, write_proteins,
+)
 from virnucpro import client, registry
 from virnucpro.cli import main
 from virnucpro.client import request_embedding, stop_daemons, write_stop_token
@@ -59,21 +61,6 @@ def receive_all(sock: zmq.Socket, until: set[str], timeout: float) -> list[dict]
     return collected
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]):
-    """One ESM-2 daemon shared by the request-level tests of this file."""
-    root = tmp_path_factory.mktemp("served")
-    run_dir = root / "run"
-    daemon = Daemon(run_dir, "esm2-served", "esm2", models["esm2"], [root / "data"], "--idle-timeout", "600")
-    try:
-        entry = daemon.wait_ready()
-        yield {"daemon": daemon, "endpoint": entry["endpoint"], "data": root / "data", "run_dir": run_dir,
-               "weights": models["esm2"]}  # fmt: skip
-    finally:
-        daemon.process.kill()
-        daemon.process.wait()
-
-
 # --- hostile input ----------------------------------------------------------------------------------
 def fuzz_message(rng: random.Random, data: Path) -> list[bytes]:
     """One malformed (or harmless) request: random bytes, wrong frames, wrong JSON, wrong fields, bad paths."""
@@ -110,8 +97,8 @@ def fuzz_message(rng: random.Random, data: Path) -> list[bytes]:
     return [json.dumps({"op": rng.choice(["ping", "status"])}).encode()]  # harmless, answered normally
 
 
-def test_a_fuzz_of_malformed_messages_is_answered_one_by_one_and_the_daemon_serves_on(served, tmp_path):
-    endpoint, data = served["endpoint"], served["data"]
+def test_a_fuzz_of_malformed_messages_is_answered_one_by_one_and_the_daemon_serves_on(shared, tmp_path):
+    endpoint, data = shared["endpoint"], shared["data"]
     data.mkdir(parents=True, exist_ok=True)
     (data / "escape").symlink_to(tmp_path, target_is_directory=True)
     rng = random.Random(20240611)
@@ -125,19 +112,19 @@ def test_a_fuzz_of_malformed_messages_is_answered_one_by_one_and_the_daemon_serv
             sent += 1
             assert sock.poll(5000), f"no answer to message {sent}"
             reply = json.loads(sock.recv())
-            assert isinstance(reply, dict) and reply["daemon_id"] == "esm2-served"
+            assert isinstance(reply, dict) and reply["daemon_id"] == "esm2-shared"
             kinds[reply["reply"]] = kinds.get(reply["reply"], 0) + 1
         # over ZeroMQ's own limit (1 MiB): the connection is dropped, nothing is answered
         sock.send(b"{" * (2 * 1024 * 1024))
         assert not sock.poll(1000)
     assert sent >= 500, f"only {sent} messages in 20 s"
     assert set(kinds) <= {"error", "pong", "status"} and kinds["error"] > sent / 2, kinds
-    assert served["daemon"].process.poll() is None
+    assert shared["daemon"].process.poll() is None
     status = ask_json(endpoint, {"op": "status"})
     assert status["state"] == "ready" and status["queued"] == status["running"] == 0
     fasta = write_proteins(data / "after_fuzz.faa", 10, seed=40)
-    assert request_embedding(served["run_dir"], "esm2", fasta, data / "after_fuzz.pt", timeout=60) is True
-    assert_equal_to_reference(data / "after_fuzz.pt", fasta, references(served["weights"], "esm2", [fasta],
+    assert request_embedding(shared["run_dir"], "esm2", fasta, data / "after_fuzz.pt", timeout=60) is True
+    assert_equal_to_reference(data / "after_fuzz.pt", fasta, references(shared["weights"], "esm2", [fasta],
                                                                         tmp_path / "ref")[fasta])  # fmt: skip
     assert not list(tmp_path.glob("*.pt")) and not (data / "escape.faa").exists()
 
@@ -210,8 +197,8 @@ def test_curve_keys_are_made_once_private_and_refused_when_others_can_read_them(
 
 
 # --- deadlines, progress, giving up -----------------------------------------------------------------
-def test_accepted_shards_get_progress_and_expired_ones_are_dropped_before_they_start(served):
-    endpoint, data = served["endpoint"], served["data"]
+def test_accepted_shards_get_progress_and_expired_ones_are_dropped_before_they_start(shared):
+    endpoint, data = shared["endpoint"], shared["data"]
     big = write_proteins(data / "progress_big.faa", 2000, seed=42, length=(140, 160))  # runs for over 2 s
     late = write_proteins(data / "progress_late.faa", 5, seed=43)
     with zmq.Context() as context, context.socket(zmq.DEALER) as first, context.socket(zmq.DEALER) as second:
@@ -327,8 +314,8 @@ def test_in_process_embedding_records_a_failed_shard_and_follows_the_policy(tmp_
     ]
 
 
-def test_a_failed_shard_under_record_policy_gives_reads_marked_embedding_failed(served, test_models, tmp_path, caplog):
-    run_dir, data = served["run_dir"], served["data"]
+def test_a_failed_shard_under_record_policy_gives_reads_marked_embedding_failed(shared, test_models, tmp_path, caplog):
+    run_dir, data = shared["run_dir"], shared["data"]
     rng = random.Random(46)
     codons = [a + b + c for a in "ACGT" for b in "ACGT" for c in "ACGT" if a + b + c not in ("TAA", "TAG", "TGA")]
     reads = data / "policy" / "reads.fa"
