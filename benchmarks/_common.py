@@ -80,7 +80,7 @@ def synchronize(device: str) -> None:
 
 def _codon_table() -> dict[str, list[str]]:
     if not _CODONS:
-        from virnucpro.translate import translate_codons
+        from virnucpro.prep.translate import translate_codons
 
         for a in "ACGT":
             for b in "ACGT":
@@ -103,8 +103,8 @@ def generate_reads(path: Path, count: int, length: int, seed: int = 0) -> Path:
 
 def make_frames(reads: Path, expected_length: int, workdir: Path) -> tuple[Path, Path]:
     """Chunk and translate ``reads`` with the package; the kept frames' nucleotide and protein FASTA files."""
-    from virnucpro.chunk import chunk_fasta
-    from virnucpro.translate import translate_fasta
+    from virnucpro.prep.chunk import chunk_fasta
+    from virnucpro.prep.translate import translate_fasta
 
     chunked = workdir / "chunked.fa"
     chunk_fasta(reads, expected_length, chunked)
@@ -133,7 +133,7 @@ def frames_for(count: int, read_length: int, workdir: Path, seed: int = 0) -> tu
 
 def esm2_checkpoint(directory: Path, layers: int, dim: int, heads: int, name: str | None = None) -> Path:
     """A random-weight ESM-2 checkpoint of these shapes in the published layout (written once, then reused)."""
-    from virnucpro.esm2 import write_random_checkpoint
+    from virnucpro.engines.esm2 import write_random_checkpoint
 
     path = directory / (name or f"esm2_t{layers}_{dim}_{heads}_bench.pt")
     if not path.is_file():
@@ -154,7 +154,7 @@ def write_large_esm2(path: Path, layers: int, dim: int, heads: int, device: str 
     from esm.data import Alphabet
     from esm.model.esm2 import ESM2
 
-    from virnucpro.esm2 import save_published_checkpoint
+    from virnucpro.engines.esm2 import save_published_checkpoint
 
     alphabet = Alphabet.from_architecture("ESM-1b")
     with torch.device("meta"):
@@ -188,7 +188,7 @@ def write_large_esm2(path: Path, layers: int, dim: int, heads: int, device: str 
 
 def dnabert_snapshot(directory: Path, layers: int, hidden: int, heads: int, intermediate: int) -> Path:
     """A random-weight DNABERT-S snapshot of these shapes in the published layout (written once, then reused)."""
-    from virnucpro.dnabert import write_random_snapshot
+    from virnucpro.engines.dnabert import write_random_snapshot
 
     path = directory / f"DNABERT-S_{layers}_{hidden}_{heads}_{intermediate}"
     if not (path / "model.safetensors").is_file():
@@ -237,7 +237,7 @@ def start_daemon(model: str, weights: Path, run_dir: Path, daemon_id: str, root:
 
 def wait_ready(run_dir: Path, model: str, count: int, processes: list, timeout: float = 300) -> float:
     """Wait until ``count`` daemons of ``model`` are ready in the registry; returns the seconds waited."""
-    from virnucpro import registry
+    from virnucpro.serving import registry
 
     started = time.perf_counter()
     while True:
@@ -253,7 +253,7 @@ def stop_daemons(run_dir: Path, processes: list, daemon_ids: list[str]) -> list[
     """Stop the daemons, wait for them, and return their statistics files' contents."""
     import json
 
-    from virnucpro.client import stop_daemons as ask_to_stop
+    from virnucpro.serving.client import stop_daemons as ask_to_stop
 
     ask_to_stop(run_dir)
     for process in processes:

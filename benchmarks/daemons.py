@@ -14,7 +14,7 @@ per-shard overhead of a warm daemon.
    compared byte for byte.
 2. Warm-daemon overhead: one daemon (ESM-2 as above, then the DNABERT-S test snapshot, whose compute
    is a few milliseconds) is started and, once ready, sent ``--overhead-shards`` one-sequence shards
-   one after the other with the client (``virnucpro.client.request_embedding``); overhead per shard
+   one after the other with the client (``virnucpro.serving.client.request_embedding``); overhead per shard
    = (sum of the round trips - the compute seconds the daemon reports in its statistics) / shards.
    Then a few whole client processes (``virnucpro embed --run-dir``, what each workflow job runs)
    against in-process ones (``virnucpro embed --weights``, which load the model) on the same shard.
@@ -44,8 +44,8 @@ SAMPLE = "bench"
 
 
 def make_models(directory: Path) -> dict[str, Path]:
-    from virnucpro.classifier import write_published_classifier
-    from virnucpro.dnabert import write_random_snapshot
+    from virnucpro.classify.classifier import write_published_classifier
+    from virnucpro.engines.dnabert import write_random_snapshot
 
     esm2 = _common.esm2_checkpoint(directory, 30, 640, 20, "esm2_t30_150M_UR50D.pt")
     dnabert = directory / "DNABERT-S-test"
@@ -115,7 +115,7 @@ def same_outputs(first: Path, second: Path) -> bool:
 
 def warm_overhead(directory: Path, model: str, weights: Path, shards: int, sequence: str) -> dict:
     """Round trips of one-sequence shards to a warm daemon, and whole client processes against in-process ones."""
-    from virnucpro.client import request_embedding
+    from virnucpro.serving.client import request_embedding
 
     run_dir = directory / "run"
     if directory.exists():

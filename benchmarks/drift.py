@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from virnucpro.embed import load_embedder
+    from virnucpro.engines.embed import load_embedder
     from virnucpro.testmodels import make_test_models
 
     print(f"command: {_common.command_line()}")

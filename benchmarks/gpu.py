@@ -6,7 +6,7 @@ CPU with small shapes (to check the script, not to measure anything).
 
 1. ESM-2 with the esm2_t36_3B_UR50D shapes (36 layers, 2560 wide, 40 heads), random weights written
    tensor by tensor in fp16 in the published layout (esm2_t36_3B_UR50D.pt, 5.7 GB, to ``--dir``), loaded
-   with ``virnucpro.esm2.load_esm2``: tokens/s in bf16 and fp16 at several token budgets per batch,
+   with ``virnucpro.engines.esm2.load_esm2``: tokens/s in bf16 and fp16 at several token budgets per batch,
    as TFLOP/s and as a fraction of the card's dense bf16/fp16 peak (``--peak-tflops``, default 989 for
    an H100/H200 SXM) and of the bf16 8192x8192 matrix-product rate measured here. FLOPs per protein of
    T tokens (<cls> and <eos> included): 36 x (24 x 2560^2 x T + 4 x T^2 x 2560), padding not counted.
@@ -77,7 +77,7 @@ def esm_section(checkpoint: Path, proteins: list[str], shape, plan: dict, device
                 rate: float, compile_model: bool) -> dict:  # fmt: skip
     import torch
 
-    from virnucpro.esm2 import GPU_TOKS_PER_BATCH, load_esm2
+    from virnucpro.engines.esm2 import GPU_TOKS_PER_BATCH, load_esm2
 
     layers, width, _ = shape
     out: dict = {"throughput": [], "drift": {}}
@@ -163,7 +163,7 @@ def published_loop(model, alphabet, sequences: list[str], device: str):
 def dnabert_section(snapshot: Path, slices: list[str], shape, plan: dict, device: str) -> dict:
     import torch
 
-    from virnucpro.dnabert import load_dnabert_s
+    from virnucpro.engines.dnabert import load_dnabert_s
 
     layers, hidden, _, intermediate = shape
     out: dict = {"throughput": [], "drift": {}}
@@ -210,7 +210,7 @@ def dnabert_section(snapshot: Path, slices: list[str], shape, plan: dict, device
 
 
 def daemon_section(workdir: Path, shard: tuple[Path, Path], models: dict[str, Path], device: str) -> dict:
-    from virnucpro.client import request_embedding
+    from virnucpro.serving.client import request_embedding
 
     run_dir = workdir / "run"
     if run_dir.exists():
@@ -310,7 +310,7 @@ def main() -> int:
     snapshot = _common.dnabert_snapshot(args.dir, *plan["dnabert"])
 
     data_started = time.perf_counter()
-    from virnucpro.shard import shard_frames
+    from virnucpro.prep.shard import shard_frames
 
     reads = _common.generate_reads(args.dir / "reads.fa", plan["frames"], 500, seed=3)
     nucleotide, protein = _common.make_frames(reads, 500, args.dir)

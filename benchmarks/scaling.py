@@ -4,7 +4,7 @@
 For each daemon count N: start N ``virnucpro serve`` daemons of the same model (a random-weight ESM-2
 with the esm2_t30_150M shapes, as in benchmarks/daemons.py), wait until all are loaded (not timed),
 then send ``--shards`` shards of ``--frames-per-shard`` proteins (kept frames of generated 500-nt
-reads) all at once, one client thread per shard (``virnucpro.client.request_embedding``: each picks the
+reads) all at once, one client thread per shard (``virnucpro.serving.client.request_embedding``: each picks the
 least-loaded daemon), and time from the first request to the last reply. Throughput = tokens / that
 time. Each daemon runs torch with its default thread count unless ``--threads-per-daemon`` is given
 (OMP_NUM_THREADS and MKL_NUM_THREADS for its process).
@@ -27,7 +27,7 @@ import _common  # noqa: E402
 
 
 def run(directory: Path, weights: Path, daemons: int, shards: list[Path], threads: int | None) -> dict:
-    from virnucpro.client import request_embedding
+    from virnucpro.serving.client import request_embedding
 
     if directory.exists():
         shutil.rmtree(directory)

@@ -5,14 +5,14 @@ ESM-2 (random weights, esm2_t30_150M shapes by default: 30 layers, 640 wide, 20 
   published  straight fair-esm 2.0.0: ``esm.pretrained.load_model_and_alphabet_local``, batches from
              ``FastaBatchedDataset.get_batch_indices(2048, extra_toks_per_seq=1)``, the alphabet's batch
              converter, ``model(toks, repr_layers=[last])``, the mean of positions 1..min(1024, len) per protein;
-  ours       ``virnucpro.esm2.load_esm2(path).embed(proteins)``.
+  ours       ``virnucpro.engines.esm2.load_esm2(path).embed(proteins)``.
 DNABERT-S (random weights, the real 117M shapes: 12 layers, 768 wide, 12 heads, 3072 intermediate):
   published  one sequence at a time (tokenize one, forward one, mean over all tokens), as VirNucPro runs
              it; implemented here by calling OUR encoder one sequence at a time (the published model code
              cannot run here: it needs trust_remote_code);
   published-code style  the same, one at a time, with the attention written out as the published model
              code does without triton (q k^T / sqrt(d) + ALiBi, softmax, times v) on our encoder's weights;
-  ours       ``virnucpro.dnabert.load_dnabert_s(path).embed(slices)`` (length-sorted token-budget batches).
+  ours       ``virnucpro.engines.dnabert.load_dnabert_s(path).embed(slices)`` (length-sorted token-budget batches).
 
 The data are the kept frames of generated 500-nt reads (chunked and translated by the package). Times
 exclude model loading and include tokenization; each method runs ``--repeats`` times, interleaved.
@@ -66,14 +66,14 @@ def esm_published(checkpoint: Path, proteins: list[str]):
 
 
 def esm_ours(checkpoint: Path):
-    from virnucpro.esm2 import load_esm2
+    from virnucpro.engines.esm2 import load_esm2
 
     embedder = load_esm2(checkpoint)
     return lambda sequences: embedder.embed(sequences).vectors
 
 
 def dnabert_ours(snapshot: Path):
-    from virnucpro.dnabert import load_dnabert_s
+    from virnucpro.engines.dnabert import load_dnabert_s
 
     model = load_dnabert_s(snapshot)
     return lambda sequences: model.embed(sequences).vectors
@@ -83,7 +83,7 @@ def dnabert_one_at_a_time(snapshot: Path):
     """The published loop with our encoder: tokenize one, forward one, mean over all its tokens."""
     import torch
 
-    from virnucpro.dnabert import load_dnabert_s
+    from virnucpro.engines.dnabert import load_dnabert_s
 
     model = load_dnabert_s(snapshot)
 
@@ -104,7 +104,7 @@ def dnabert_published_style(snapshot: Path):
     import torch
     import torch.nn.functional as F
 
-    from virnucpro.dnabert import alibi_slopes, load_dnabert_s
+    from virnucpro.engines.dnabert import alibi_slopes, load_dnabert_s
 
     model = load_dnabert_s(snapshot)
     encoder = model.encoder
@@ -211,7 +211,7 @@ def main() -> None:
         rates.append(_common.matmul_rate())
 
     if args.dnabert_frames:
-        from virnucpro.dnabert import load_dnabert_s
+        from virnucpro.engines.dnabert import load_dnabert_s
 
         layers, hidden, heads, intermediate = (int(v) for v in args.dnabert_shape.split(","))
         snapshot = _common.dnabert_snapshot(args.dir, layers, hidden, heads, intermediate)

@@ -6,8 +6,8 @@ Writes a random-weight checkpoint with exactly the shapes, key names, cfg and fp
 page cache is warm for every loader, then loads it in separate subprocesses:
 
   fair-esm   esm.pretrained.load_model_and_alphabet_local (argparse.Namespace allow-listed so it runs)
-  fp32       virnucpro.esm2.load_esm2, fp32 (the default on the CPU)
-  fp16/bf16  virnucpro.esm2.load_esm2 in half precision
+  fp32       virnucpro.engines.esm2.load_esm2, fp32 (the default on the CPU)
+  fp16/bf16  virnucpro.engines.esm2.load_esm2 in half precision
 
 Each child's peak resident memory comes from ``os.wait4`` (the kernel's accounting of that child;
 this process stays small, since a child's peak starts from its parent's at fork), its load time
@@ -38,7 +38,7 @@ def write_checkpoint(path: Path, layers: int, dim: int, heads: int) -> None:
     from esm.data import Alphabet
     from esm.model.esm2 import ESM2
 
-    from virnucpro.esm2 import save_published_checkpoint
+    from virnucpro.engines.esm2 import save_published_checkpoint
 
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in ESM2(layers, dim, heads, Alphabet.from_architecture("ESM-1b")).state_dict().items()}
@@ -75,7 +75,7 @@ def child(mode: str, checkpoint: str) -> None:
             model, _ = esm.pretrained.load_model_and_alphabet_local(checkpoint)
         model.eval()
     else:
-        from virnucpro.esm2 import load_esm2
+        from virnucpro.engines.esm2 import load_esm2
 
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
         model = load_esm2(Path(checkpoint), dtype=dtype).model

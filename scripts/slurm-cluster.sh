@@ -1,10 +1,23 @@
 #!/usr/bin/env bash
-# A throw-away single-node SLURM cluster on this machine, for tests and trials of the SLURM profile.
+# A throw-away SLURM cluster on this machine, for tests and trials of the SLURM profile: one node, or
+# several nodes in network namespaces with stand-in GPUs.
 #
-#   scripts/slurm-cluster.sh start    install slurm-wlm and munge if missing (apt-get, as root), then
-#                                     start munged, slurmctld and slurmd with a generated slurm.conf
-#   scripts/slurm-cluster.sh stop     stop the daemons that `start` started (by their pid files)
-#   scripts/slurm-cluster.sh status   say whether the cluster answers
+#   scripts/slurm-cluster.sh start        install slurm-wlm and munge if missing (apt-get, as root), then
+#                                         start munged, slurmctld and slurmd with a generated slurm.conf
+#   scripts/slurm-cluster.sh start --nodes N
+#                                         the same with N nodes node1..nodeN (below), each with its own
+#                                         network namespace, address, host name, slurmd and GPUS_PER_NODE
+#                                         (default 2) stand-in GPUs
+#   scripts/slurm-cluster.sh stop         stop whatever `start` started: the daemons, every process in
+#                                         the nodes' namespaces (jobs included), the namespaces, the
+#                                         network; idempotent, also after a failed start
+#   scripts/slurm-cluster.sh status       say whether the cluster answers (and the nodes' addresses)
+#   scripts/slurm-cluster.sh kill-node NODE
+#                                         the loss of a node (--nodes only): kill every process in its
+#                                         namespace (slurmd and its jobs) and cut its link; SLURM marks
+#                                         it DOWN after SlurmdTimeout (10 s), its jobs end in NODE_FAIL
+#   scripts/slurm-cluster.sh revive-node NODE
+#                                         link up and slurmd again; the node returns to service
 #
 # Everything lives in one private folder, $VIRNUCPRO_SLURM_DIR (default /tmp/virnucpro-slurm):
 # slurm.conf, the munge key and socket, state, spool and logs. The one thing outside it is the link
@@ -12,24 +25,44 @@
 # real cluster is refused) and removed by `stop`: job steps (srun inside a job, as the SLURM executor
 # of snakemake runs them) drop $SLURM_CONF and read the default path. Elsewhere SLURM_CONF points the
 # SLURM commands at the configuration (`start` prints the line last). Needs root: the daemons run as
-# root (SlurmUser=root), as the jobs do.
+# root (SlurmUser=root), as the jobs do. One cluster at a time: `start` refuses while a cluster of the
+# other kind (one node / --nodes) runs from the same folder.
 #
-# The node declares CPUS (default 8) CPUs whatever the machine has (SlurmdParameters=config_overrides),
-# REAL_MEMORY_MB (default 8000) of memory, and no GPU; accounting is off, so job states come from
-# squeue (kept MinJobAge=600 s after a job ends). Ports: VIRNUCPRO_SLURM_PORT (slurmctld, default
-# 16817) and the next one (slurmd).
+# The single node is this machine (its host name, 127.0.0.1): it declares CPUS (default 8) CPUs whatever
+# the machine has (SlurmdParameters=config_overrides), REAL_MEMORY_MB (default 8000) of memory, and no
+# GPU; accounting is off, so job states come from squeue (kept MinJobAge=600 s after a job ends).
+# Ports: VIRNUCPRO_SLURM_PORT (slurmctld, default 16817) and the next one (slurmd).
+#
+# With --nodes N, this machine is the login node (slurmctld, munged, the SLURM commands, snakemake): it
+# gets address .1 of a private /24 on a bridge, vnpbr0; node<i> is the network namespace vnp-node<i>
+# (its end of a veth pair, vnp-node<i>, on the bridge) with address .(10+i), the host name node<i> (its
+# own UTS namespace) and a slurmd started as `slurmd -N node<i>`; the jobs it starts run in the same
+# namespaces (their `hostname` says node<i>). The /24 is the first of 10.213.0.0/24, 10.213.1.0/24, ...,
+# 172.31.x.0/24, 192.168.213.0/24, ... that overlaps no route or address of this machine (or
+# VIRNUCPRO_SLURM_SUBNET, checked the same way); nothing is routed or forwarded beyond it. `start` adds
+# the nodes' names to /etc/hosts (lines ending "# virnucpro-slurm-cluster", removed by `stop`), so that
+# node<i> resolves on the login node as on a cluster. The file system (and munge's socket) is shared.
+# Each node declares CPUS CPUs, REAL_MEMORY_MB memory and Gres=gpu:GPUS_PER_NODE, backed in gres.conf
+# by stand-in device files $DIR/dev/node<i>/nvidia<k> (empty files: nothing opens them without
+# cgroups); SLURM sets CUDA_VISIBLE_DEVICES=<k> in a job for the GPU it was given. JobRequeue=0: a
+# batch job on a lost node ends NODE_FAIL, it is not requeued.
 set -euo pipefail
 
 dir="${VIRNUCPRO_SLURM_DIR:-/tmp/virnucpro-slurm}"
 cpus="${CPUS:-8}"
 memory="${REAL_MEMORY_MB:-8000}"
+gpus="${GPUS_PER_NODE:-2}"
 port="${VIRNUCPRO_SLURM_PORT:-16817}"
 node="$(hostname -s)"
 conf="$dir/slurm.conf"
 system_conf=/etc/slurm/slurm.conf
 marker="Generated by scripts/slurm-cluster.sh"
+hosts_tag="# virnucpro-slurm-cluster"
+bridge=vnpbr0
+ns_prefix=vnp-       # network namespace and root-side veth of node<i>: vnp-node<i>
 
 die() { echo "slurm-cluster: $*" >&2; exit 1; }
+say() { echo "slurm-cluster: $*"; }
 
 install_if_missing() {
     if command -v slurmctld > /dev/null && command -v slurmd > /dev/null && command -v munged > /dev/null \
@@ -43,11 +76,10 @@ install_if_missing() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge > /dev/null
 }
 
-write_config() {
+write_common_config() {  # write_common_config SLURMCTLD_ADDRESS: what both kinds of cluster share
     cat <<CONF
-# $marker: a single-node test cluster. Do not use in production.
 ClusterName=virnucpro-test
-SlurmctldHost=$node(127.0.0.1)
+SlurmctldHost=$node($1)
 SlurmctldPort=$port
 SlurmdPort=$((port + 1))
 SlurmUser=root
@@ -57,6 +89,13 @@ CredType=cred/munge
 AuthInfo=socket=$dir/munge/munge.socket
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool/%n
+CONF
+}
+
+write_config() {
+    echo "# $marker: a single-node test cluster. Do not use in production."
+    write_common_config 127.0.0.1
+    cat <<CONF
 SlurmctldPidFile=$dir/run/slurmctld.pid
 SlurmdPidFile=$dir/run/slurmd.pid
 SlurmctldLogFile=$dir/log/slurmctld.log
@@ -84,7 +123,23 @@ PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP
 CONF
 }
 
+# ---------------------------------------------------------------------------------------------------
+# State shared by both kinds: which kind runs ($dir/kind), and whether it answers.
+
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2> /dev/null)" 2> /dev/null; }
+
+running_kind() {  # the kind of cluster whose slurmctld runs from $dir ("single" or "nodes"), else nothing
+    pid_alive "$dir/run/slurmctld.pid" || return 0
+    cat "$dir/kind" 2> /dev/null || echo single
+}
+
+refuse_other_kind() {  # refuse_other_kind KIND
+    local running
+    running="$(running_kind)"
+    if [ -n "$running" ] && [ "$running" != "$1" ]; then
+        die "a test cluster of the other kind ($running) runs from $dir; stop it first: $0 stop"
+    fi
+}
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     local seconds=$1 what=$2
@@ -96,37 +151,53 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
     die "$what did not come up within $seconds s; logs: $dir/log/"
 }
 
-node_idle() { [ "$(sinfo -h -n "$node" -o %t | tr -d ' *')" = idle ]; }
+node_idle() { [ "$(sinfo -h -n "$1" -o %t | tr -d ' *')" = idle ]; }
+
+start_munge_and_controller() {
+    mkdir -p "$dir"/{munge,state,spool,run,log}
+    chmod 0700 "$dir/munge"
+    [ -f "$dir/munge/munge.key" ] || head -c 1024 /dev/urandom > "$dir/munge/munge.key"
+    chmod 0400 "$dir/munge/munge.key"
+    mv "$conf.new" "$conf"
+    link_config
+    munged --force --socket="$dir/munge/munge.socket" --key-file="$dir/munge/munge.key" \
+        --pid-file="$dir/run/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge/munged.seed"
+    wait_for 10 munged test -S "$dir/munge/munge.socket"
+    slurmctld -c -f "$conf"
+    wait_for 30 slurmctld scontrol ping
+}
+
+start_single() {
+    refuse_other_kind single
+    write_config > "$conf.new"
+    if cmp -s "$conf.new" "$conf" && pid_alive "$dir/run/slurmctld.pid" && pid_alive "$dir/run/slurmd.pid" \
+        && node_idle "$node"; then
+        rm -f "$conf.new"
+        say "already running ($conf)"
+    else
+        stop_all
+        rm -rf "$dir/state" "$dir/spool" "$dir/gres.conf"
+        echo single > "$dir/kind"
+        start_munge_and_controller
+        slurmd -f "$conf" -N "$node"
+        wait_for 60 "node $node" node_idle "$node"
+        say "running, $cpus CPUs on node $node (logs: $dir/log/)"
+    fi
+}
 
 start() {
     [ "$(id -u)" -eq 0 ] || die "start needs root (the SLURM daemons of the test cluster run as root)"
+    local nodes=""
+    case "${1:-}" in
+        "") ;;
+        --nodes) nodes="${2:-}"; [[ "$nodes" =~ ^[1-9][0-9]?$ ]] || die "--nodes wants a number of nodes (1-99)" ;;
+        *) die "start takes no option but --nodes N" ;;
+    esac
     install_if_missing
     export SLURM_CONF="$conf"
     mkdir -p "$dir"
     chmod 0700 "$dir"
-    write_config > "$conf.new"
-    if cmp -s "$conf.new" "$conf" && pid_alive "$dir/run/slurmctld.pid" && pid_alive "$dir/run/slurmd.pid" \
-        && node_idle; then
-        rm -f "$conf.new"
-        echo "slurm-cluster: already running ($conf)"
-    else
-        stop_daemons
-        rm -rf "$dir/state" "$dir/spool"
-        mkdir -p "$dir"/{munge,state,spool,run,log}
-        chmod 0700 "$dir/munge"
-        [ -f "$dir/munge/munge.key" ] || head -c 1024 /dev/urandom > "$dir/munge/munge.key"
-        chmod 0400 "$dir/munge/munge.key"
-        mv "$conf.new" "$conf"
-        link_config
-        munged --force --socket="$dir/munge/munge.socket" --key-file="$dir/munge/munge.key" \
-            --pid-file="$dir/run/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge/munged.seed"
-        wait_for 10 munged test -S "$dir/munge/munge.socket"
-        slurmctld -c -f "$conf"
-        wait_for 30 slurmctld scontrol ping
-        slurmd -f "$conf" -N "$node"
-        wait_for 60 "node $node" node_idle
-        echo "slurm-cluster: running, $cpus CPUs on node $node (logs: $dir/log/)"
-    fi
+    if [ -z "$nodes" ]; then start_single; else start_nodes "$nodes"; fi
     echo "export SLURM_CONF=$conf"
 }
 
@@ -139,39 +210,270 @@ link_config() {  # /etc/slurm/slurm.conf -> ours, replacing only a link to a (fo
     ln -s "$conf" "$system_conf"
 }
 
+stop_pid_file() {  # stop_pid_file PID_FILE: TERM, up to 10 s, then KILL
+    local pid_file=$1
+    if pid_alive "$pid_file"; then
+        kill "$(cat "$pid_file")" 2> /dev/null || true
+        for _ in $(seq 40); do pid_alive "$pid_file" || break; sleep 0.25; done
+        if pid_alive "$pid_file"; then kill -KILL "$(cat "$pid_file")" 2> /dev/null || true; fi
+    fi
+    rm -f "$pid_file"
+}
+
 stop_daemons() {
-    local name pid_file
-    for name in slurmd slurmctld munged; do
-        pid_file="$dir/run/$name.pid"
-        if pid_alive "$pid_file"; then
-            kill "$(cat "$pid_file")"
-            for _ in $(seq 40); do pid_alive "$pid_file" || break; sleep 0.25; done
-            if pid_alive "$pid_file"; then kill -KILL "$(cat "$pid_file")" 2> /dev/null || true; fi
-        fi
-        rm -f "$pid_file"
-    done
+    local name
+    for name in slurmd slurmctld munged; do stop_pid_file "$dir/run/$name.pid"; done
+}
+
+stop_all() {  # everything either kind of start makes, whatever state it is in
+    local ns
+    for ns in $(node_namespaces); do stop_namespace "$ns"; done
+    stop_daemons
+    remove_network
+    rm -f "$dir"/run/slurmd-*.pid "$dir/kind"
+    if [ -L "$system_conf" ] && [ "$(readlink "$system_conf")" = "$conf" ]; then rm -f "$system_conf"; fi
 }
 
 stop() {
-    [ -d "$dir" ] || { echo "slurm-cluster: nothing to stop ($dir does not exist)"; return; }
-    stop_daemons
-    if [ -L "$system_conf" ] && [ "$(readlink "$system_conf")" = "$conf" ]; then rm -f "$system_conf"; fi
-    echo "slurm-cluster: stopped (logs kept in $dir/log/)"
+    [ "$(id -u)" -eq 0 ] || [ ! -d "$dir" ] || die "stop needs root"
+    stop_all
+    say "stopped (logs kept in $dir/log/)"
 }
 
 status() {
     export SLURM_CONF="$conf"
     if pid_alive "$dir/run/slurmctld.pid" && scontrol ping > /dev/null 2>&1; then
         sinfo -N -l
+        if [ "$(running_kind)" = nodes ]; then grep "$hosts_tag" /etc/hosts | sed "s/ *$hosts_tag//"; fi
     else
-        echo "slurm-cluster: not running"
+        say "not running"
         return 1
     fi
 }
 
+# ---------------------------------------------------------------------------------------------------
+# Several nodes in network namespaces.
+
+node_namespaces() { ip netns list 2> /dev/null | awk '{print $1}' | grep "^${ns_prefix}node[0-9]*$" || true; }
+
+ip_to_int() { local IFS=.; set -- $1; echo $((($1 << 24) + ($2 << 16) + ($3 << 8) + $4)); }
+
+overlaps() {  # overlaps NET/LEN NET[/LEN]
+    local a=${1%/*} al=${1#*/} b=${2%/*} bl=32 len mask
+    [ "$2" = "$b" ] || bl=${2#*/}
+    len=$((al < bl ? al : bl))
+    mask=$(((0xFFFFFFFF << (32 - len)) & 0xFFFFFFFF))
+    (($(($(ip_to_int "$a") & mask)) == $(($(ip_to_int "$b") & mask))))
+}
+
+used_networks() {  # every IPv4 destination in any routing table (the default route aside) and address
+    ip -4 route show table all | awk '
+        $1 ~ /^(local|broadcast|unicast|unreachable|blackhole|prohibit|multicast|throw|nat|anycast)$/ { print $2; next }
+        $1 != "default" { print $1 }'
+    ip -4 -o addr show | awk '{print $4}'
+}
+
+choose_subnet() {  # the first candidate /24 that overlaps nothing this machine has: its first three octets
+    local used candidate network candidates=(10.213.{0..15}.0/24 172.31.{200..215}.0/24 192.168.{213..228}.0/24)
+    [ -z "${VIRNUCPRO_SLURM_SUBNET:-}" ] || candidates=("$VIRNUCPRO_SLURM_SUBNET")
+    used="$(used_networks | grep -E '^[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+(/[0-9]+)?$' | sort -u)"
+    for candidate in "${candidates[@]}"; do
+        [[ "$candidate" =~ ^([0-9]+\.[0-9]+\.[0-9]+)\.0/24$ ]] || die "not a /24 subnet: $candidate"
+        for network in $used; do
+            if overlaps "$candidate" "$network"; then continue 2; fi
+        done
+        echo "${BASH_REMATCH[1]}"
+        return
+    done
+    die "every candidate subnet overlaps a route or address of this machine; set VIRNUCPRO_SLURM_SUBNET=a.b.c.0/24"
+}
+
+write_nodes_config() {  # write_nodes_config N PREFIX
+    local count=$1 prefix=$2 i
+    echo "# $marker: a test cluster of $count nodes in network namespaces. Do not use in production."
+    write_common_config "$prefix.1"
+    cat <<CONF
+SlurmctldPidFile=$dir/run/slurmctld.pid
+SlurmdPidFile=$dir/run/slurmd-%n.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+# No cgroups in a container: track job processes by parent pid, no task binding, no device confinement
+# (the GPUs are stand-in files; SLURM still hands out distinct ones and sets CUDA_VISIBLE_DEVICES).
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+# Backfill, as on real clusters: a job waiting for a GPU does not hold up the jobs behind it that fit.
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1
+GresTypes=gpu
+# No slurmdbd: squeue reports the states of ended jobs for MinJobAge seconds.
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MinJobAge=600
+# A node that stops answering is DOWN after SlurmdTimeout; its jobs end NODE_FAIL and stay ended.
+SlurmdTimeout=10
+JobRequeue=0
+ReturnToService=2
+KillWait=10
+InactiveLimit=0
+SlurmdParameters=config_overrides
+CONF
+    for i in $(seq "$count"); do
+        echo "NodeName=node$i NodeAddr=$prefix.$((10 + i)) NodeHostname=node$i CPUs=$cpus RealMemory=$memory Gres=gpu:$gpus State=UNKNOWN"
+    done
+    echo "PartitionName=debug Nodes=node[1-$count] Default=YES MaxTime=INFINITE State=UP"
+}
+
+write_gres_config() {  # write_gres_config N
+    local i
+    echo "# $marker: stand-in GPUs, copies of /dev/null."
+    echo "AutoDetect=off"
+    for i in $(seq "$1"); do
+        echo "NodeName=node$i Name=gpu File=$dir/dev/node$i/nvidia[0-$((gpus - 1))]"
+    done
+}
+
+make_network() {  # make_network N PREFIX
+    local count=$1 prefix=$2 i ns
+    ip link add "$bridge" type bridge
+    ip addr add "$prefix.1/24" dev "$bridge"
+    ip link set "$bridge" up
+    for i in $(seq "$count"); do
+        ns="${ns_prefix}node$i"
+        ip netns add "$ns"
+        ip link add "$ns" type veth peer name eth0 netns "$ns"
+        ip link set "$ns" master "$bridge" up
+        ip -n "$ns" addr add "$prefix.$((10 + i))/24" dev eth0
+        ip -n "$ns" link set lo up
+        ip -n "$ns" link set eth0 up
+    done
+}
+
+remove_network() {  # the nodes' namespaces must be empty (stop_namespace)
+    local ns link
+    for ns in $(node_namespaces); do ip netns delete "$ns" 2> /dev/null || true; done
+    for link in $(ip -o link show | awk -F': ' '{print $2}' | sed 's/@.*//' | grep -E "^(${ns_prefix}node[0-9]+|$bridge)$" || true); do
+        ip link delete "$link" 2> /dev/null || true
+    done
+    remove_hosts
+}
+
+add_hosts() {  # add_hosts N PREFIX
+    local i
+    remove_hosts
+    for i in $(seq "$1"); do echo "$2.$((10 + i)) node$i $hosts_tag"; done >> /etc/hosts
+}
+
+remove_hosts() {  # rewritten in place: /etc/hosts may be a mount point
+    local kept
+    grep -q "$hosts_tag" /etc/hosts 2> /dev/null || return 0
+    kept="$(grep -v "$hosts_tag" /etc/hosts)"
+    printf '%s\n' "$kept" > /etc/hosts
+}
+
+start_slurmd_in() {  # start_slurmd_in NODE: slurmd in the node's network namespace, with its host name
+    # nsenter, not `ip netns exec`: that one mounts a fresh /sys, without the cgroup file systems that
+    # slurmd wants to see even with proctrack/linuxproc ("Unable to initialize cgroup plugin").
+    local name=$1
+    mkdir -p "$dir/spool/$name"
+    nsenter --net="/run/netns/$ns_prefix$name" unshare --uts sh -c 'hostname "$1" && shift && exec "$@"' sh "$name" \
+        slurmd -f "$conf" -N "$name"
+}
+
+all_nodes_idle() {  # all_nodes_idle N
+    [ "$(sinfo -h -N -o '%N %t' | tr -d '*' | grep -c ' idle$')" -eq "$1" ]
+}
+
+start_nodes() {  # start_nodes N
+    local count=$1 prefix i
+    refuse_other_kind nodes
+    prefix="$(cat "$dir/subnet" 2> /dev/null || true)"
+    if [ -n "$prefix" ] && [ "$(running_kind)" = nodes ] && write_nodes_config "$count" "$prefix" | cmp -s - "$conf" \
+        && write_gres_config "$count" | cmp -s - "$dir/gres.conf" && all_nodes_idle "$count"; then
+        say "already running ($conf)"
+        return
+    fi
+    stop_all
+    trap 'echo "slurm-cluster: start failed, stopping what it started" >&2; stop_all' EXIT
+    prefix="$(choose_subnet)"
+    echo "$prefix" > "$dir/subnet"
+    rm -rf "$dir/state" "$dir/spool" "$dir/dev" "$dir/log"
+    echo nodes > "$dir/kind"
+    write_nodes_config "$count" "$prefix" > "$conf.new"
+    write_gres_config "$count" > "$dir/gres.conf"
+    for i in $(seq "$count"); do
+        mkdir -p "$dir/dev/node$i"
+        for k in $(seq 0 $((gpus - 1))); do mknod -m 0666 "$dir/dev/node$i/nvidia$k" c 1 3; done
+    done
+    make_network "$count" "$prefix"
+    add_hosts "$count" "$prefix"
+    start_munge_and_controller
+    for i in $(seq "$count"); do start_slurmd_in "node$i"; done
+    wait_for 60 "nodes node[1-$count]" all_nodes_idle "$count"
+    trap - EXIT
+    say "running, login $node at $prefix.1, nodes node1..node$count at $prefix.11..$prefix.$((10 + count)), each $cpus CPUs and $gpus GPUs (logs: $dir/log/)"
+}
+
+stop_namespace() {  # stop_namespace NAMESPACE: end every process in it (TERM, up to 5 s, then KILL)
+    local ns=$1 pids
+    pids="$(ip netns pids "$ns" 2> /dev/null || true)"
+    [ -z "$pids" ] && return
+    kill $pids 2> /dev/null || true
+    for _ in $(seq 20); do
+        pids="$(ip netns pids "$ns" 2> /dev/null || true)"
+        [ -z "$pids" ] && return
+        sleep 0.25
+    done
+    kill -KILL $pids 2> /dev/null || true
+    for _ in $(seq 40); do
+        [ -z "$(ip netns pids "$ns" 2> /dev/null || true)" ] && return
+        sleep 0.25
+    done
+    die "processes left in namespace $ns: $(ip netns pids "$ns" | tr '\n' ' ')"
+}
+
+node_arg() {  # node_arg NAME: a node of the running --nodes cluster
+    [ "$(id -u)" -eq 0 ] || die "needs root"
+    [[ "${1:-}" =~ ^node[0-9]+$ ]] && ip netns list | awk '{print $1}' | grep -qx "$ns_prefix$1" \
+        || die "no node ${1:-(none given)} of a --nodes cluster; nodes: $(node_namespaces | sed "s/^$ns_prefix//" | tr '\n' ' ')"
+}
+
+kill_node() {  # kill_node NODE: the node is lost: all its processes die at once, its link goes down
+    local name=$1 pids
+    node_arg "$name"
+    pids="$(ip netns pids "$ns_prefix$name")"
+    [ -z "$pids" ] || kill -KILL $pids 2> /dev/null || true
+    ip link set "$ns_prefix$name" down
+    for _ in $(seq 40); do
+        [ -z "$(ip netns pids "$ns_prefix$name")" ] && break
+        sleep 0.25
+    done
+    [ -z "$(ip netns pids "$ns_prefix$name")" ] || die "processes left in $name: $(ip netns pids "$ns_prefix$name" | tr '\n' ' ')"
+    rm -f "$dir/run/slurmd-$name.pid"
+    say "killed $name (every process in its namespace) and cut its link"
+}
+
+revive_node() {  # revive_node NODE: link up, slurmd again, wait until SLURM has it back
+    local name=$1
+    node_arg "$name"
+    export SLURM_CONF="$conf"
+    [ -z "$(ip netns pids "$ns_prefix$name")" ] || die "$name is not dead (kill-node it first)"
+    ip link set "$ns_prefix$name" up
+    start_slurmd_in "$name"
+    wait_for 60 "node $name" node_idle "$name"
+    say "$name is back"
+}
+
 case "${1:-}" in
-    start) start ;;
+    start) shift; start "$@" ;;
     stop) stop ;;
     status) status ;;
-    *) die "usage: $0 start|stop|status" ;;
+    kill-node) kill_node "${2:-}" ;;
+    revive-node) revive_node "${2:-}" ;;
+    *) die "usage: $0 start [--nodes N] | stop | status | kill-node NODE | revive-node NODE" ;;
 esac

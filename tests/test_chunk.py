@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from virnucpro.chunk import ChunkSummary, chunk_bounds, chunk_fasta, skip_reason
+from virnucpro.prep.chunk import ChunkSummary, chunk_bounds, chunk_fasta, skip_reason
 from virnucpro.errors import UserError
 
 # (c, L) -> [start, end), copied from ORIGINAL_METHOD.md §1.

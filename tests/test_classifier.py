@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import virnucpro.classifier as classifier_module
-from virnucpro.classifier import classify, convert_classifier, load_classifier, write_published_classifier
+import virnucpro.classify.classifier as classifier_module
+from virnucpro.classify.classifier import classify, convert_classifier, load_classifier, write_published_classifier
 from virnucpro.errors import UserError
 
 INPUT_DIM = 48

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import zmq
 
-from virnucpro import registry
-from virnucpro.client import request_embedding, stop_daemons, write_stop_token
-from virnucpro.daemon import SOCKET_PATH_LIMIT, socket_path
-from virnucpro.embed import embed_fasta, read_embeddings
+from virnucpro.serving import registry
+from virnucpro.serving.client import request_embedding, stop_daemons, write_stop_token
+from virnucpro.serving.daemon import SOCKET_PATH_LIMIT, socket_path
+from virnucpro.engines.embed import embed_fasta, read_embeddings
 from virnucpro.errors import UserError
 from virnucpro.manifest import read_failures
 
@@ -61,8 +61,8 @@ def assert_same_as_in_process(output: Path, fasta: Path, model: str, weights: Pa
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from virnucpro.dnabert import write_random_snapshot
-    from virnucpro.esm2 import write_random_checkpoint
+    from virnucpro.engines.dnabert import write_random_snapshot
+    from virnucpro.engines.esm2 import write_random_checkpoint
 
     directory = tmp_path_factory.mktemp("models")
     return {

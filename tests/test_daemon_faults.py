@@ -21,12 +21,12 @@ import zmq
 from test_daemon import (
     ask_json, fasta_ids, in_thread, models, shared, start_daemon, wait_running, write_proteins,
 )
-from virnucpro import client, registry
+from virnucpro.serving import client, registry
 from virnucpro.cli import main
-from virnucpro.client import request_embedding, stop_daemons, write_stop_token
-from virnucpro.daemon import MAX_MESSAGE_BYTES, ProtocolError, _Daemon, _Job, parse_request
-from virnucpro.embed import embed_records, embed_shard, load_embedder, read_embeddings
-from virnucpro.embedded import Embedded
+from virnucpro.serving.client import request_embedding, stop_daemons, write_stop_token
+from virnucpro.serving.daemon import MAX_MESSAGE_BYTES, ProtocolError, _Daemon, _Job, parse_request
+from virnucpro.engines.embed import embed_records, embed_shard, load_embedder, read_embeddings
+from virnucpro.engines.embedded import Embedded
 from virnucpro.errors import UserError
 from virnucpro.manifest import read_failures
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from virnucpro.dnabert import alibi_slopes, load_dnabert_s, token_batches, write_random_snapshot
+from virnucpro.engines.dnabert import alibi_slopes, load_dnabert_s, token_batches, write_random_snapshot
 from virnucpro.errors import UserError
 
 # The key set of the published zhihan1996/DNABERT-S config.json.
@@ -370,7 +370,7 @@ def test_alibi_slopes_for_twelve_heads_are_the_eight_head_ones_then_odd_sixteent
 
 
 def test_importing_the_module_does_not_import_torch():
-    code = "import sys, virnucpro.dnabert, virnucpro.embedded; assert 'torch' not in sys.modules"
+    code = "import sys, virnucpro.engines.dnabert, virnucpro.engines.embedded; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

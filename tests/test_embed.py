@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from virnucpro.embed import load_embedder
+from virnucpro.engines.embed import load_embedder
 
 PROTEINS = ["MKV", "ACDEFGHIKLMNPQRSTVWY" * 7, "W", "MSTNPKPQRKTKRNTNRRPQDVKFPGG" * 3, "LLLL" * 30]
 NUCLEOTIDES = ["ACG", "ACGTTGCA" * 40, "GATTACA" * 71, "T" * 5, "CCGGAATT" * 62 + "A"]

@@ -17,7 +17,7 @@ from esm.data import Alphabet, FastaBatchedDataset
 from esm.model.esm2 import ESM2
 
 from virnucpro.errors import UserError
-from virnucpro.esm2 import load_esm2, write_random_checkpoint
+from virnucpro.engines.esm2 import load_esm2, write_random_checkpoint
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 
@@ -187,7 +187,7 @@ def test_a_missing_contact_regression_companion_only_warns(
 ) -> None:
     alone = tmp_path / checkpoint.name
     shutil.copy(checkpoint, alone)
-    with caplog.at_level(logging.WARNING, logger="virnucpro.esm2"):
+    with caplog.at_level(logging.WARNING, logger="virnucpro.engines.esm2"):
         embedder = load_esm2(alone)
     assert "contact-regression" in caplog.text
     torch.testing.assert_close(embedder.embed(["MKV"]).vectors, load_esm2(checkpoint).embed(["MKV"]).vectors)
@@ -298,7 +298,7 @@ def test_missing_checkpoint_message_names_it_and_the_download_command(tmp_path: 
 
 
 def test_giving_back_mapped_pages_keeps_the_data_and_never_touches_other_memory(checkpoint: Path) -> None:
-    from virnucpro.safeload import MappedPages, load_allowlisted
+    from virnucpro.engines.safeload import MappedPages, load_allowlisted
 
     data = load_allowlisted(checkpoint, [argparse.Namespace], mmap=True)
     mapped = max(data["model"].values(), key=lambda t: t.numel())

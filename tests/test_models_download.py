@@ -15,13 +15,13 @@ from urllib.parse import unquote
 
 import pytest
 
-import virnucpro.models as models
-from virnucpro.classifier import load_classifier, write_published_classifier
+import virnucpro.engines.download as models
+from virnucpro.classify.classifier import load_classifier, write_published_classifier
 from virnucpro.cli import main
-from virnucpro.dnabert import load_dnabert_s, write_random_snapshot
+from virnucpro.engines.dnabert import load_dnabert_s, write_random_snapshot
 from virnucpro.errors import UserError
-from virnucpro.esm2 import load_esm2, write_random_checkpoint
-from virnucpro.models import MANIFEST, download_models, parse_base_url, resolve_base_urls
+from virnucpro.engines.esm2 import load_esm2, write_random_checkpoint
+from virnucpro.engines.download import MANIFEST, download_models, parse_base_url, resolve_base_urls
 
 # --- a small model server: files under a root, GET with single "bytes=N-" ranges, a request log ---
 
@@ -309,5 +309,5 @@ def test_the_manifest_lays_files_out_as_the_loaders_and_the_configuration_expect
 
 
 def test_importing_the_download_code_and_the_cli_does_not_import_torch():
-    code = "import sys, virnucpro.cli, virnucpro.models, virnucpro.safeload; assert 'torch' not in sys.modules"
+    code = "import sys, virnucpro.cli, virnucpro.engines.download, virnucpro.engines.safeload; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

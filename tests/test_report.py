@@ -8,7 +8,7 @@ import pytest
 
 from virnucpro.cli import main
 from virnucpro.errors import UserError
-from virnucpro.report import (
+from virnucpro.outputs.report import (
     best_read_scores,
     daemon_metrics,
     daemons_plot,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from virnucpro.errors import UserError
-from virnucpro.shard import shard_frames
+from virnucpro.prep.shard import shard_frames
 
 
 def write(path: Path, records: list[tuple[str, str]]) -> Path:

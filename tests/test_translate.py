@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from virnucpro.errors import UserError
-from virnucpro.translate import (Frame, TranslateSummary, six_frames, translate_codons,
+from virnucpro.prep.translate import (Frame, TranslateSummary, six_frames, translate_codons,
                                  translate_fasta)
 
 # The standard genetic code, written as amino acid -> codons (independent of the code's table).

@@ -16,21 +16,21 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _cmd_chunk(args: argparse.Namespace) -> None:
-    from virnucpro.chunk import chunk_fasta
+    from virnucpro.prep.chunk import chunk_fasta
 
     summary = chunk_fasta(args.input, args.length, args.output, reads_table=args.reads_table)
     logging.info("%d reads -> %d chunks (%d reads skipped)", summary.reads, summary.chunks, summary.skipped)
 
 
 def _cmd_translate(args: argparse.Namespace) -> None:
-    from virnucpro.translate import translate_fasta
+    from virnucpro.prep.translate import translate_fasta
 
     summary = translate_fasta(args.input, args.nucleotide_output, args.protein_output)
     logging.info("%d chunks -> %d stop-free frames", summary.chunks, summary.frames)
 
 
 def _cmd_shard(args: argparse.Namespace) -> None:
-    from virnucpro.shard import shard_frames
+    from virnucpro.prep.shard import shard_frames
 
     count = shard_frames(args.nucleotide, args.protein, args.shard_size, args.output_dir)
     logging.info("wrote %d shard(s) to %s", count, args.output_dir)
@@ -38,7 +38,7 @@ def _cmd_shard(args: argparse.Namespace) -> None:
 
 def _cmd_embed(args: argparse.Namespace) -> None:
     if args.run_dir is not None:
-        from virnucpro.client import request_embedding
+        from virnucpro.serving.client import request_embedding
 
         if args.failure_manifest is not None:
             raise UserError("--failure-manifest is for in-process embedding; daemons record in RUN_DIR/failures.tsv")
@@ -58,7 +58,7 @@ def _cmd_embed(args: argparse.Namespace) -> None:
         raise UserError("embed needs --weights PATH (in-process) or --run-dir DIR (ask a running daemon)")
     if args.on_failure == "record" and args.failure_manifest is None:
         raise UserError("--on-failure record needs --failure-manifest PATH (in-process) or --run-dir DIR")
-    from virnucpro.embed import embed_shard
+    from virnucpro.engines.embed import embed_shard
 
     summary = embed_shard(
         args.input,
@@ -77,14 +77,14 @@ def _cmd_embed(args: argparse.Namespace) -> None:
 
 
 def _cmd_classify(args: argparse.Namespace) -> None:
-    from virnucpro.predict import classify_shard
+    from virnucpro.classify.predict import classify_shard
 
     count = classify_shard(args.nucleotide, args.dnabert_s, args.esm2, args.classifier, args.output)
     logging.info("classified %d frames -> %s", count, args.output)
 
 
 def _cmd_aggregate(args: argparse.Namespace) -> None:
-    from virnucpro.aggregate import aggregate_sample
+    from virnucpro.outputs.aggregate import aggregate_sample
 
     aggregate_sample(
         sample=args.sample,
@@ -97,13 +97,13 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
 
 
 def _cmd_run_stats(args: argparse.Namespace) -> None:
-    from virnucpro.aggregate import write_run_stats
+    from virnucpro.outputs.aggregate import write_run_stats
 
     write_run_stats(args.daemon_stats, args.output)
 
 
 def _cmd_report_plots(args: argparse.Namespace) -> None:
-    from virnucpro.report import daemons_plot, sample_plots
+    from virnucpro.outputs.report import daemons_plot, sample_plots
 
     sample_inputs = (args.reads_table, args.predictions, args.failures)
     if args.sample is None and args.run_stats is None:
@@ -118,7 +118,7 @@ def _cmd_report_plots(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from virnucpro.predict import predict
+    from virnucpro.classify.predict import predict
 
     predict(
         args.input,
@@ -134,7 +134,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    from virnucpro.daemon import serve
+    from virnucpro.serving.daemon import serve
 
     serve(
         args.model,
@@ -156,7 +156,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _cmd_stop_daemons(args: argparse.Namespace) -> None:
-    from virnucpro.client import stop_daemons
+    from virnucpro.serving.client import stop_daemons
 
     stopped = stop_daemons(args.run_dir, model=args.model, stop_file=args.stop_file)
     logging.info("asked %d daemon(s) to stop", stopped)
@@ -171,7 +171,7 @@ def _cmd_make_test_models(args: argparse.Namespace) -> None:
 
 
 def _cmd_models_download(args: argparse.Namespace) -> None:
-    from virnucpro.models import download_models, parse_base_url, resolve_base_urls
+    from virnucpro.engines.download import download_models, parse_base_url, resolve_base_urls
 
     overrides = dict(parse_base_url(text) for text in args.base_url or [])
     results = download_models(
@@ -184,7 +184,7 @@ def _cmd_models_download(args: argparse.Namespace) -> None:
 
 
 def _cmd_models_convert_classifier(args: argparse.Namespace) -> None:
-    from virnucpro.classifier import convert_classifier
+    from virnucpro.classify.classifier import convert_classifier
 
     convert_classifier(args.src, args.dst)
     logging.info("wrote %s", args.dst)
@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--model", choices=MODEL_CHOICES, help="only daemons of this model")
     sub.add_argument("--stop-file", type=Path, help="also write a fresh token to this stop file")
 
-    from virnucpro.models import GROUPS  # stdlib only: cheap
+    from virnucpro.engines.download import GROUPS  # stdlib only: cheap
 
     sub = command("models", None, "get the published model files, convert the classifier")
     actions = sub.add_subparsers(dest="models_command", required=True, metavar="ACTION")

@@ -13,9 +13,9 @@ ESM_DIM = 64
 
 def make_test_models(output_dir: Path, seed: int = 0) -> dict[str, Path]:
     """Write an ESM-2 checkpoint, a DNABERT-S snapshot and both classifiers; return (and record) their paths."""
-    from virnucpro.classifier import write_published_classifier
-    from virnucpro.dnabert import write_random_snapshot
-    from virnucpro.esm2 import write_random_checkpoint
+    from virnucpro.classify.classifier import write_published_classifier
+    from virnucpro.engines.dnabert import write_random_snapshot
+    from virnucpro.engines.esm2 import write_random_checkpoint
 
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ after which its mapped pages are given back; so the host holds one copy of the w
 The contact-regression companion is not needed for embeddings: when it is missing, fair-esm refuses
 the checkpoint, ``load_esm2`` only logs a warning and leaves the (unused) contact head at zero.
 
-The forward pass runs on PyTorch's fused attention (``virnucpro._esm2_model.SdpaESM2``: fair-esm's
+The forward pass runs on PyTorch's fused attention (``virnucpro.engines.esm2_model.SdpaESM2``: fair-esm's
 model with a representations-only forward), equal to fair-esm's own in fp32 to float rounding;
 ``attention="fair-esm"`` runs fair-esm's forward instead. Proteins are tokenized as fair-esm's
 alphabet does, one-letter tokens by table lookup (fair-esm's tokenizer took 1 ms per protein).
@@ -37,7 +37,7 @@ from virnucpro.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from virnucpro.embedded import Embedded
+    from virnucpro.engines.embedded import Embedded
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Esm2Embedder:
         import torch
         from esm.data import FastaBatchedDataset
 
-        from virnucpro.embedded import Embedded, run_splitting_on_oom, to_device
+        from virnucpro.engines.embedded import Embedded, run_splitting_on_oom, to_device
 
         for index, sequence in enumerate(sequences):
             if not sequence:
@@ -174,13 +174,13 @@ def load_esm2(
     """Load a published-format ESM-2 checkpoint onto ``device`` (fp32 unless ``dtype``, last layer unless ``layer``).
 
     ``toks_per_batch``: the published 2048 on the CPU, ``GPU_TOKS_PER_BATCH`` on a GPU unless given.
-    ``attention``: ``"sdpa"`` (PyTorch's fused attention, see ``virnucpro._esm2_model``) or ``"fair-esm"``
+    ``attention``: ``"sdpa"`` (PyTorch's fused attention, see ``virnucpro.engines.esm2_model``) or ``"fair-esm"``
     (fair-esm's own forward). ``compile_model``: run the model through ``torch.compile``.
     """
     import torch
     from esm.data import Alphabet
 
-    from virnucpro.safeload import MappedPages, load_allowlisted
+    from virnucpro.engines.safeload import MappedPages, load_allowlisted
 
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
@@ -239,7 +239,7 @@ def _model_class(attention: str) -> type:
         from esm.model.esm2 import ESM2
 
         return ESM2
-    from virnucpro._esm2_model import SdpaESM2
+    from virnucpro.engines.esm2_model import SdpaESM2
 
     return SdpaESM2
 
@@ -286,7 +286,7 @@ def _esm2_config(checkpoint: Path, data: Any) -> argparse.Namespace:
 
 def _contact_regression(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The contact head's weights from the companion file, or zeros (with a warning) when it is missing."""
-    from virnucpro.safeload import load_allowlisted
+    from virnucpro.engines.safeload import load_allowlisted
 
     companion = checkpoint.with_name(checkpoint.stem + "-contact-regression.pt")
     if not companion.is_file():

@@ -94,7 +94,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     import torch
     from torch import nn
 
-    from virnucpro.safeload import load_allowlisted
+    from virnucpro.engines.safeload import load_allowlisted
 
     mlp = _mlp_class()
     allowed = [

@@ -19,7 +19,7 @@ from virnucpro.fasta import read_fasta
 if TYPE_CHECKING:
     import torch
 
-    from virnucpro.embedded import Embedded
+    from virnucpro.engines.embedded import Embedded
 
 MODELS = ("esm2", "dnabert_s")
 
@@ -52,10 +52,10 @@ def load_embedder(model: str, weights: Path, device: str = "cpu", precision: str
     check_device(device)
     model = canonical_model_name(model)
     if model == "esm2":
-        from virnucpro.esm2 import load_esm2
+        from virnucpro.engines.esm2 import load_esm2
 
         return load_esm2(Path(weights), device=device, dtype=dtypes[precision])
-    from virnucpro.dnabert import load_dnabert_s
+    from virnucpro.engines.dnabert import load_dnabert_s
 
     return load_dnabert_s(Path(weights), device=device, dtype=dtypes[precision])
 

@@ -56,14 +56,14 @@ def merge_features(
 
 def classify_shard(nucleotide: Path, dnabert_s: Path, esm2: Path, classifier: Path, output: Path) -> int:
     """Merge one shard's embeddings by ID, classify every frame, write its prediction rows."""
-    from virnucpro.classifier import load_classifier
-    from virnucpro.embed import read_embeddings
+    from virnucpro.classify.classifier import load_classifier
+    from virnucpro.engines.embed import read_embeddings
 
     return _classify(nucleotide, read_embeddings(dnabert_s), read_embeddings(esm2), load_classifier(classifier), output)
 
 
 def _classify(nucleotide: Path, dnabert, esm, model, output: Path) -> int:
-    from virnucpro.classifier import classify
+    from virnucpro.classify.classifier import classify
 
     ids = [record.id for record in read_fasta(Path(nucleotide))]
     rows: list[str] = []
@@ -98,13 +98,13 @@ def predict(
     shard_size: int = 10000,
 ) -> None:
     """Run the whole method in this process: each model is loaded once and used for every shard."""
-    from virnucpro.aggregate import aggregate_sample
-    from virnucpro.chunk import chunk_fasta
-    from virnucpro.classifier import load_classifier
-    from virnucpro.embed import embed_records, load_embedder, read_embeddings
+    from virnucpro.outputs.aggregate import aggregate_sample
+    from virnucpro.prep.chunk import chunk_fasta
+    from virnucpro.classify.classifier import load_classifier
+    from virnucpro.engines.embed import embed_records, load_embedder, read_embeddings
     from virnucpro.manifest import append_failure
-    from virnucpro.shard import shard_frames
-    from virnucpro.translate import translate_fasta
+    from virnucpro.prep.shard import shard_frames
+    from virnucpro.prep.translate import translate_fasta
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import zmq
 
-from virnucpro import registry
-from virnucpro.embed import canonical_model_name
+from virnucpro.serving import registry
+from virnucpro.engines.embed import canonical_model_name
 from virnucpro.errors import UserError
 from virnucpro.manifest import append_failure
 
@@ -255,7 +255,7 @@ class _Daemon:
 
         public, secret = registry.curve_keys(self.run_dir, "server", create=True)
         client_public, _ = registry.curve_keys(self.run_dir, "client", create=True)
-        auth = ThreadAuthenticator(context, log=logging.getLogger("virnucpro.daemon.auth"))
+        auth = ThreadAuthenticator(context, log=logging.getLogger("virnucpro.serving.daemon.auth"))
         auth.start()
         auth.configure_curve_callback(domain=ZAP_DOMAIN.decode(), credentials_provider=_AllowKeys({client_public}))
         router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
@@ -492,7 +492,7 @@ class _Daemon:
         events.setsockopt(zmq.LINGER, 0)
         events.connect(self.events_endpoint)
         try:
-            from virnucpro.embed import load_embedder
+            from virnucpro.engines.embed import load_embedder
 
             started = time.monotonic()
             try:
@@ -561,7 +561,7 @@ class _Daemon:
         clears."""
         import torch
 
-        from virnucpro.embed import embed_records
+        from virnucpro.engines.embed import embed_records
 
         clears, started = 0, time.monotonic()
         fields = {"sample": job.sample, "stage": f"embed_{self.model}", "shard": job.shard, "daemon": self.daemon_id}

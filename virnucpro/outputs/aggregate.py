@@ -9,7 +9,7 @@ from pathlib import Path
 
 from virnucpro.errors import UserError
 from virnucpro.fasta import atomic_output, read_fasta
-from virnucpro.predict import PREDICTION_HEADER
+from virnucpro.classify.predict import PREDICTION_HEADER
 
 READS_COLUMNS = (
     "read_id",
@@ -130,7 +130,7 @@ def _verdict(skip_reason: str, chunks: int, tally: _ReadTally, scores: list[_Chu
 
 
 def _format(value: float) -> str:
-    from virnucpro.predict import format_score
+    from virnucpro.classify.predict import format_score
 
     return format_score(value)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import zmq
 
-from virnucpro import registry
-from virnucpro.embed import canonical_model_name
+from virnucpro.serving import registry
+from virnucpro.engines.embed import canonical_model_name
 from virnucpro.errors import UserError
 from virnucpro.manifest import append_failure
 
@@ -76,7 +76,7 @@ def request_embedding(
     def failed_for_good(message: str) -> bool:
         if on_failure == "fail":
             raise UserError(f"{message} (recorded in {manifest})")
-        from virnucpro.embed import write_empty_embeddings
+        from virnucpro.engines.embed import write_empty_embeddings
 
         write_empty_embeddings(Path(output_path))
         log.warning("%s; recorded in %s; wrote %s with no rows (failure policy: record)", message, manifest,

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     import tokenizers
     import torch
 
-    from virnucpro._dnabert_model import DnabertEncoder
-    from virnucpro.embedded import Embedded
+    from virnucpro.engines.dnabert_model import DnabertEncoder
+    from virnucpro.engines.embedded import Embedded
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -169,7 +169,7 @@ class DnabertS:
         """
         import torch
 
-        from virnucpro.embedded import Embedded, run_splitting_on_oom, to_device
+        from virnucpro.engines.embedded import Embedded, run_splitting_on_oom, to_device
 
         ids = [encoding.ids for encoding in self.tokenizer.encode_batch(list(sequences))]
         lengths = [len(row) for row in ids]
@@ -211,7 +211,7 @@ def load_dnabert_s(
     ``compile_model`` runs the encoder through ``torch.compile``."""
     import torch
 
-    from virnucpro._dnabert_model import build_encoder, expected_shapes
+    from virnucpro.engines.dnabert_model import build_encoder, expected_shapes
 
     snapshot_dir = Path(snapshot_dir)
     if not snapshot_dir.is_dir():
@@ -278,7 +278,7 @@ def _read_weights(directory: Path) -> tuple[Path, dict[str, Any]]:
         except (OSError, SafetensorError) as error:
             raise UserError(f"{safetensors_path}: not a readable safetensors file ({error}); {_FIX}") from None
     if bin_path.is_file():
-        from virnucpro.safeload import load_state_dict
+        from virnucpro.engines.safeload import load_state_dict
 
         return bin_path, load_state_dict(bin_path, hint=_FIX)
     raise UserError(f"{directory}: no weights, neither {SAFETENSORS_FILE} nor {BIN_FILE}; {_FIX}")
@@ -425,7 +425,7 @@ def _random_state(config: DnabertConfig, seed: int, bert_prefix: bool) -> dict[s
     """Random tensors under the published names: encoder first, then the unused heads."""
     import torch
 
-    from virnucpro._dnabert_model import expected_shapes
+    from virnucpro.engines.dnabert_model import expected_shapes
 
     generator = torch.Generator().manual_seed(seed)
 
