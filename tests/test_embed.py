@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from virnucpro.engines.embed import load_embedder
+from virnucpro.engines.embed import embed_records, load_embedder, read_embeddings
 
 PROTEINS = ["MKV", "ACDEFGHIKLMNPQRSTVWY" * 7, "W", "MSTNPKPQRKTKRNTNRRPQDVKFPGG" * 3, "LLLL" * 30]
 NUCLEOTIDES = ["ACG", "ACGTTGCA" * 40, "GATTACA" * 71, "T" * 5, "CCGGAATT" * 62 + "A"]
@@ -57,3 +57,20 @@ def test_embed_with_a_missing_checkpoint_names_it(tmp_path):
     result = embed_cli(str(fasta), "--model", "esm2", "--weights", str(missing), "--output", str(tmp_path / "o.pt"))
     assert result.returncode == 2
     assert str(missing) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_embed_records_with_replace_false_never_overwrites_an_existing_output(tmp_path, test_models):
+    fasta = tmp_path / "in.faa"
+    fasta.write_text(">a\nMKV\n>b\nW\n")
+    out = tmp_path / "out.pt"
+    embedder = load_embedder("esm2", test_models["esm2"])
+    embed_records(embedder, fasta, out, replace=False)
+    assert read_embeddings(out)[0] == ["a", "b"]
+    used = out.read_bytes()
+    fasta.write_text(">c\nMKV\n")
+    with pytest.raises(FileExistsError):
+        embed_records(embedder, fasta, out, replace=False)
+    assert out.read_bytes() == used
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    embed_records(embedder, fasta, out)  # the default replaces it
+    assert read_embeddings(out)[0] == ["c"]

@@ -1,13 +1,12 @@
-"""FASTA reading (streaming, plain or gzip) and atomic writing."""
+"""FASTA reading (streaming, plain or gzip) and writing."""
 
 import gzip
-import os
 from pathlib import Path
 
 import pytest
 
 from virnucpro.errors import UserError
-from virnucpro.fasta import FastaRecord, atomic_output, read_fasta, write_fasta_record
+from virnucpro.fasta import FastaRecord, read_fasta, write_fasta_record
 
 
 def write_bytes(path: Path, data: bytes) -> Path:
@@ -160,47 +159,3 @@ def test_write_fasta_record_writes_the_header_and_one_sequence_line(tmp_path):
         write_fasta_record(handle, "r1_chunk_1", "ACGT" * 100)
         write_fasta_record(handle, "r2", "")
     assert path.read_text() == ">r1_chunk_1\n" + "ACGT" * 100 + "\n>r2\n\n"
-
-
-def test_atomic_output_writes_the_file_on_success_and_leaves_no_temporary_file(tmp_path):
-    path = tmp_path / "sub" / "out.fa"
-    with atomic_output(path) as handle:
-        handle.write("hello\n")
-        assert not path.exists()
-    assert path.read_text() == "hello\n"
-    assert sorted(p.name for p in path.parent.iterdir()) == ["out.fa"]
-
-
-def test_atomic_output_leaves_nothing_when_the_block_fails(tmp_path):
-    path = tmp_path / "out.fa"
-    with pytest.raises(RuntimeError):
-        with atomic_output(path) as handle:
-            handle.write("half")
-            raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_output_keeps_an_existing_file_when_the_block_fails(tmp_path):
-    path = write_bytes(tmp_path / "out.fa", b"old\n")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_output(path) as handle:
-            handle.write("new")
-            raise KeyboardInterrupt
-    assert path.read_bytes() == b"old\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["out.fa"]
-
-
-def test_atomic_output_gives_ordinary_permissions(tmp_path):
-    umask = os.umask(0o022)
-    try:
-        with atomic_output(tmp_path / "out.fa") as handle:
-            handle.write("x\n")
-    finally:
-        os.umask(umask)
-    assert (tmp_path / "out.fa").stat().st_mode & 0o777 == 0o644
-
-
-def test_atomic_output_writes_unix_line_endings_in_utf8(tmp_path):
-    with atomic_output(tmp_path / "out.txt") as handle:
-        handle.write("é\n")
-    assert (tmp_path / "out.txt").read_bytes() == "é\n".encode("utf-8")

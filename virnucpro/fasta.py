@@ -1,10 +1,8 @@
-"""Streaming FASTA reading (plain or gzip, detected by content) and atomic FASTA writing."""
+"""Streaming FASTA reading (plain or gzip, detected by content) and writing FASTA records."""
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,35 +106,3 @@ def read_fasta(path: Path) -> Iterator[FastaRecord]:
 def write_fasta_record(handle: TextIO, record_id: str, sequence: str) -> None:
     """Write a header line and the sequence on a single line."""
     handle.write(f">{record_id}\n{sequence}\n")
-
-
-def _create_temp(path: Path) -> tuple[Path, TextIO]:
-    """A new hidden file beside `path`, created with the usual (umask) permissions."""
-    while True:
-        temp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        return temp, open(fd, "w", encoding="utf-8", newline="\n", buffering=1 << 20)
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[TextIO]:
-    """Yield a text handle whose content replaces `path` only if the block succeeds.
-
-    The data goes to a temporary file in the same directory, renamed onto `path` at the end;
-    on any exception the temporary file is removed and `path` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp, handle = _create_temp(path)
-    try:
-        with handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise

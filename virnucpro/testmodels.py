@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from virnucpro.fasta import atomic_output
+from virnucpro.atomic import write_text
 
 DNABERT_HIDDEN = 64
 ESM_DIM = 64
@@ -31,7 +31,5 @@ def make_test_models(output_dir: Path, seed: int = 0) -> dict[str, Path]:
         paths[f"classifier_{length}"] = write_published_classifier(
             output_dir / f"{length}_model.pth", input_dim=DNABERT_HIDDEN + ESM_DIM, seed=seed + length
         )
-    with atomic_output(output_dir / "models.json") as handle:
-        json.dump({name: str(path) for name, path in paths.items()}, handle, indent=2)
-        handle.write("\n")
+    write_text(output_dir / "models.json", json.dumps({name: str(path) for name, path in paths.items()}, indent=2) + "\n")
     return paths

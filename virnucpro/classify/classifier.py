@@ -11,12 +11,11 @@ a fresh module. State-dict files and ``.safetensors`` files (see ``convert_class
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from virnucpro.atomic import atomic_path
 from virnucpro.errors import UserError
 
 if TYPE_CHECKING:
@@ -174,16 +173,8 @@ def convert_classifier(src: Path, dst: Path) -> None:
         ),
         "source": Path(src).name,
     }
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(Path(dst)) as temporary:
+        save_file(state, str(temporary), metadata=metadata)
 
 
 def write_published_classifier(path: Path, input_dim: int, hidden_dim: int = 512, seed: int = 0) -> Path:

@@ -8,8 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from virnucpro.atomic import atomic_output
 from virnucpro.errors import UserError
-from virnucpro.fasta import atomic_output, read_fasta
+from virnucpro.fasta import read_fasta
 
 if TYPE_CHECKING:
     import torch

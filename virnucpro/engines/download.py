@@ -6,6 +6,10 @@ it, ``DIR/DNABERT-S/``, ``DIR/300_model.pth``, ``DIR/500_model.pth``). Each file
 ``<name>.part`` (resumed with an HTTP Range request when a ``.part`` is already there), checked
 against the size and checksums that are known, and only then renamed to its final name. A file
 already present and matching is skipped. See docs/models.md for the provenance of every entry.
+
+The ``.part`` files keep their own rename rather than ``virnucpro.atomic``'s temporary files: a
+``.part`` must outlive a failed run so that the next one resumes it. ``SHA256SUMS`` and
+``models.json`` are written with ``virnucpro.atomic``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from virnucpro.atomic import write_text
 from virnucpro.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -356,17 +361,11 @@ def _record_checksums(dest: Path, digests: Mapping[str, str]) -> None:
             if name:
                 known[name] = digest
     known.update(digests)
-    _write_atomically(path, "".join(f"{digest}  {name}\n" for name, digest in sorted(known.items())))
+    write_text(path, "".join(f"{digest}  {name}\n" for name, digest in sorted(known.items())))
 
 
 def _write_models_json(dest: Path) -> None:
     """``dest/models.json``: the configuration's model keys and their paths, once every one exists."""
     paths = {key: (dest / local).resolve() for key, local in MODEL_PATHS.items()}
     if all(path.exists() for path in paths.values()):
-        _write_atomically(dest / MODELS_JSON, json.dumps({k: str(p) for k, p in paths.items()}, indent=2) + "\n")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+        write_text(dest / MODELS_JSON, json.dumps({k: str(p) for k, p in paths.items()}, indent=2) + "\n")

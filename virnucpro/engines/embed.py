@@ -7,12 +7,11 @@ one row per ID in the order of the FASTA file, readable with ``torch.load(path, 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from virnucpro.atomic import atomic_path
 from virnucpro.errors import UserError
 from virnucpro.fasta import read_fasta
 
@@ -86,22 +85,23 @@ class EmbedSummary:
     """Out-of-memory errors met and recovered from by clearing the cache and splitting batches."""
 
 
-def embed_records(embedder: Embedder, fasta_path: Path, output: Path) -> EmbedSummary:
+def embed_records(embedder: Embedder, fasta_path: Path, output: Path, *, replace: bool = True) -> EmbedSummary:
     """Embed every record of ``fasta_path`` with a loaded model and write ``output`` atomically.
 
     A sequence that cannot be embedded gets no row; it is named in the summary's ``failed``.
+    With ``replace=False`` an existing ``output`` is never overwritten (FileExistsError instead).
     """
     import torch
 
     records = list(read_fasta(Path(fasta_path)))
     ids = [record.id for record in records]
     if not records:
-        write_embeddings(Path(output), [], torch.zeros((0, embedder.dim), dtype=torch.float32))
+        write_embeddings(Path(output), [], torch.zeros((0, embedder.dim), dtype=torch.float32), replace=replace)
         return EmbedSummary(sequences=0, tokens=0)
     embedded = embedder.embed([record.sequence for record in records])
     kept = [index for index in range(len(ids)) if index not in embedded.failed]
     vectors = embedded.vectors[torch.tensor(kept, dtype=torch.long)] if embedded.failed else embedded.vectors
-    write_embeddings(Path(output), [ids[index] for index in kept], vectors)
+    write_embeddings(Path(output), [ids[index] for index in kept], vectors, replace=replace)
     return EmbedSummary(
         sequences=len(kept),
         tokens=embedded.tokens,
@@ -137,27 +137,26 @@ def embed_shard(
     line too; then with ``on_failure="record"`` ``output`` is written with no rows and None is returned,
     with ``"fail"`` the error is raised. A model that cannot be loaded always raises.
     """
-    from virnucpro.manifest import append_failure
+    from virnucpro.manifest import record_embed_failures
 
     if on_failure not in ("fail", "record") or (on_failure == "record" and manifest is None):
         raise UserError("the failure policy must be 'fail', or 'record' with a failure manifest to record in")
     embedder = load_embedder(model, weights, device=device, precision=precision)
-    fields = {"sample": sample, "stage": f"embed_{canonical_model_name(model)}", "shard": shard}
+    shard_key = {"sample": sample, "stage": f"embed_{canonical_model_name(model)}", "shard": shard}
     try:
         summary = embed_records(embedder, Path(input_path), Path(output))
     except Exception as error:
         if manifest is not None:
             message = str(error).strip() or repr(error)
-            append_failure(manifest, error_class=type(error).__name__, message=message, attempts=1, **fields)
+            record_embed_failures(manifest, **shard_key, shard_error=(type(error).__name__, message, 1))
         if on_failure == "fail":
             raise
         write_empty_embeddings(Path(output))
         log.warning("%s: %s: %s; recorded in %s; wrote %s with no rows (failure policy: record)", input_path,
                     type(error).__name__, error, manifest, output)  # fmt: skip
         return None
-    for sequence_id, reason in summary.failed.items() if manifest is not None else ():
-        append_failure(manifest, sequence_id=sequence_id, error_class="OutOfMemoryError", message=reason, attempts=1,
-                       **fields)  # fmt: skip
+    if manifest is not None:
+        record_embed_failures(manifest, **shard_key, sequence_failures=summary.failed)
     return summary
 
 
@@ -169,21 +168,15 @@ def write_empty_embeddings(path: Path) -> None:
     write_embeddings(path, [], torch.zeros((0, 0), dtype=torch.float32))
 
 
-def write_embeddings(path: Path, ids: list[str], vectors: torch.Tensor) -> None:
-    """Write an embedding file atomically (temporary file in the same folder, then rename)."""
+def write_embeddings(path: Path, ids: list[str], vectors: torch.Tensor, *, replace: bool = True) -> None:
+    """Write an embedding file atomically (temporary file in the same folder, then rename); with
+    ``replace=False`` an existing ``path`` is kept and FileExistsError raised (never overwritten)."""
     import torch
 
     if vectors.shape[0] != len(ids):
         raise ValueError(f"{len(ids)} IDs but {vectors.shape[0]} embedding rows")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_path(Path(path), replace=replace) as temporary:
         torch.save({"ids": list(ids), "embeddings": vectors.detach().to("cpu", torch.float32).contiguous()}, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def read_embeddings(path: Path) -> tuple[list[str], torch.Tensor]:

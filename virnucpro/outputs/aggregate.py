@@ -7,8 +7,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from virnucpro.atomic import atomic_output
 from virnucpro.errors import UserError
-from virnucpro.fasta import atomic_output, read_fasta
+from virnucpro.fasta import read_fasta
 from virnucpro.classify.predict import PREDICTION_HEADER
 
 READS_COLUMNS = (

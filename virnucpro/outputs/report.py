@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
+from virnucpro.atomic import atomic_path
 from virnucpro.errors import UserError
 
 SAMPLE_PLOTS = ("scores.png", "verdicts.png", "failures.png")
@@ -120,12 +120,8 @@ def _figure(width: float, height: float):
 
 def _save(figure, path: Path) -> None:
     """Write the PNG atomically (temporary file, then rename)."""
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    try:
+    with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", metadata={"Software": None})
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _scores_figure(sample: str, frames: list[float], reads: list[float]):

@@ -7,8 +7,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from virnucpro.atomic import atomic_output
 from virnucpro.errors import UserError
-from virnucpro.fasta import atomic_output, read_fasta, write_fasta_record
+from virnucpro.fasta import read_fasta, write_fasta_record
 
 EXPECTED_LENGTHS = (300, 500)
 READS_TABLE_HEADER = "read_id\tlength\tchunks\tskip_reason\n"

@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from virnucpro.fasta import atomic_output, read_fasta, write_fasta_record
+from virnucpro.atomic import atomic_output
+from virnucpro.fasta import read_fasta, write_fasta_record
 
 # NCBI translation table 1, codons in TCAG order (TTT, TTC, TTA, TTG, TCT, ...).
 _BASES = "TCAG"
