@@ -4,7 +4,7 @@ Every benchmark prints the command line that produced its figures (``command_lin
 machine it ran on (``machine``). Reads are generated so that they have stop-free frames as real
 reads do (a random protein back-translated into frame 1 of each read); they are then chunked,
 translated and sharded with the package itself. Models are random-weight files in the published
-formats, written by the package (``write_random_checkpoint``, ``write_random_snapshot``) or, for
+formats, written by the package (``virnucpro.testmodels``) or, for
 ESM-2 3B, tensor by tensor in fp16 (``write_large_esm2``), so that the real loaders read them.
 """
 
@@ -133,7 +133,7 @@ def frames_for(count: int, read_length: int, workdir: Path, seed: int = 0) -> tu
 
 def esm2_checkpoint(directory: Path, layers: int, dim: int, heads: int, name: str | None = None) -> Path:
     """A random-weight ESM-2 checkpoint of these shapes in the published layout (written once, then reused)."""
-    from virnucpro.engines.esm2 import write_random_checkpoint
+    from virnucpro.testmodels import write_random_checkpoint
 
     path = directory / (name or f"esm2_t{layers}_{dim}_{heads}_bench.pt")
     if not path.is_file():
@@ -154,9 +154,10 @@ def write_large_esm2(path: Path, layers: int, dim: int, heads: int, device: str 
     from esm.data import Alphabet
     from esm.model.esm2 import ESM2
 
-    from virnucpro.engines.esm2 import save_published_checkpoint
+    from virnucpro.engines.esm2 import ALPHABET, ROTARY_FREQUENCIES
+    from virnucpro.testmodels import save_published_checkpoint
 
-    alphabet = Alphabet.from_architecture("ESM-1b")
+    alphabet = Alphabet.from_architecture(ALPHABET)
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in ESM2(layers, dim, heads, alphabet).state_dict().items()}
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -164,7 +165,7 @@ def write_large_esm2(path: Path, layers: int, dim: int, heads: int, device: str 
     for name, shape in shapes.items():
         if name == "lm_head.weight":
             continue  # tied to embed_tokens.weight: one storage in the file
-        if name.endswith("rot_emb.inv_freq"):
+        if name.endswith(ROTARY_FREQUENCIES):
             width = 2 * shape[0]
             tensor = 1.0 / (10000 ** (torch.arange(0, width, 2, dtype=torch.float32) / width))
         else:
@@ -178,17 +179,12 @@ def write_large_esm2(path: Path, layers: int, dim: int, heads: int, device: str 
             else:
                 tensor = 0.1 * tensor
         state[name] = tensor.half().cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name("esm2_tmp_" + path.name)
-    save_published_checkpoint(temporary, state, num_layers=layers, embed_dim=dim, attention_heads=heads)
-    os.replace(temporary.with_name(temporary.stem + "-contact-regression.pt"), path.with_name(path.stem + "-contact-regression.pt"))
-    os.replace(temporary, path)
-    return path
+    return save_published_checkpoint(path, state, num_layers=layers, embed_dim=dim, attention_heads=heads)
 
 
 def dnabert_snapshot(directory: Path, layers: int, hidden: int, heads: int, intermediate: int) -> Path:
     """A random-weight DNABERT-S snapshot of these shapes in the published layout (written once, then reused)."""
-    from virnucpro.engines.dnabert import write_random_snapshot
+    from virnucpro.testmodels import write_random_snapshot
 
     path = directory / f"DNABERT-S_{layers}_{hidden}_{heads}_{intermediate}"
     if not (path / "model.safetensors").is_file():

@@ -44,8 +44,7 @@ SAMPLE = "bench"
 
 
 def make_models(directory: Path) -> dict[str, Path]:
-    from virnucpro.classify.classifier import write_published_classifier
-    from virnucpro.engines.dnabert import write_random_snapshot
+    from virnucpro.testmodels import write_published_classifier, write_random_snapshot
 
     esm2 = _common.esm2_checkpoint(directory, 30, 640, 20, "esm2_t30_150M_UR50D.pt")
     dnabert = directory / "DNABERT-S-test"

@@ -104,7 +104,8 @@ def dnabert_published_style(snapshot: Path):
     import torch
     import torch.nn.functional as F
 
-    from virnucpro.engines.dnabert import alibi_slopes, load_dnabert_s
+    from virnucpro.engines.dnabert import load_dnabert_s
+    from virnucpro.engines.dnabert_config import alibi_slopes
 
     model = load_dnabert_s(snapshot)
     encoder = model.encoder

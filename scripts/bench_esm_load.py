@@ -38,26 +38,24 @@ def write_checkpoint(path: Path, layers: int, dim: int, heads: int) -> None:
     from esm.data import Alphabet
     from esm.model.esm2 import ESM2
 
-    from virnucpro.engines.esm2 import save_published_checkpoint
+    from virnucpro.engines.esm2 import ALPHABET, ROTARY_FREQUENCIES
+    from virnucpro.testmodels import save_published_checkpoint
 
     with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in ESM2(layers, dim, heads, Alphabet.from_architecture("ESM-1b")).state_dict().items()}
+        model = ESM2(layers, dim, heads, Alphabet.from_architecture(ALPHABET))
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     generator = torch.Generator().manual_seed(0)
     state = {}
     for name, shape in shapes.items():
         if name == "lm_head.weight":
             continue  # tied to embed_tokens.weight, one storage in the file
         tensor = torch.empty(shape, dtype=torch.float16)
-        if name.endswith("rot_emb.inv_freq"):
+        if name.endswith(ROTARY_FREQUENCIES):
             tensor.copy_(1.0 / (10000 ** (torch.arange(0, shape[0] * 2, 2, dtype=torch.float32) / (shape[0] * 2))))
         else:
             tensor.uniform_(-0.05, 0.05, generator=generator)
         state[name] = tensor
-    temporary = path.with_name(path.name + ".tmp")
-    save_published_checkpoint(temporary, state, num_layers=layers, embed_dim=dim, attention_heads=heads)
-    del state
-    os.replace(temporary.with_name(temporary.stem + "-contact-regression.pt"), path.with_name(path.stem + "-contact-regression.pt"))
-    os.replace(temporary, path)
+    save_published_checkpoint(path, state, num_layers=layers, embed_dim=dim, attention_heads=heads)
 
 
 def child(mode: str, checkpoint: str) -> None:
@@ -176,8 +174,10 @@ def main() -> None:
                     f"load time x{reference['load_s'] / r['load_s']:.2f}"
                 )
     if args.delete:
+        from virnucpro.engines.esm2 import contact_regression_path
+
         checkpoint.unlink()
-        checkpoint.with_name(checkpoint.stem + "-contact-regression.pt").unlink(missing_ok=True)
+        contact_regression_path(checkpoint).unlink(missing_ok=True)
         print(f"deleted {checkpoint}")
 
 

@@ -16,8 +16,9 @@ import torch
 from safetensors import safe_open
 
 import virnucpro.classify.classifier as classifier_module
-from virnucpro.classify.classifier import classify, convert_classifier, load_classifier, write_published_classifier
+from virnucpro.classify.classifier import classify, convert_classifier, load_classifier
 from virnucpro.errors import UserError
+from virnucpro.testmodels import write_published_classifier
 
 INPUT_DIM = 48
 HIDDEN_DIM = 32

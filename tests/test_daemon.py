@@ -61,8 +61,7 @@ def assert_same_as_in_process(output: Path, fasta: Path, model: str, weights: Pa
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from virnucpro.engines.dnabert import write_random_snapshot
-    from virnucpro.engines.esm2 import write_random_checkpoint
+    from virnucpro.testmodels import write_random_checkpoint, write_random_snapshot
 
     directory = tmp_path_factory.mktemp("models")
     return {

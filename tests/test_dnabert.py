@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from virnucpro.engines.dnabert import alibi_slopes, load_dnabert_s, token_batches, write_random_snapshot
+from virnucpro.engines.dnabert import load_dnabert_s, token_batches
+from virnucpro.engines.dnabert_config import alibi_slopes
+from virnucpro.testmodels import write_random_snapshot
 from virnucpro.errors import UserError
 
 # The key set of the published zhihan1996/DNABERT-S config.json.

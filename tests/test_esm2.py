@@ -17,7 +17,8 @@ from esm.data import Alphabet, FastaBatchedDataset
 from esm.model.esm2 import ESM2
 
 from virnucpro.errors import UserError
-from virnucpro.engines.esm2 import load_esm2, write_random_checkpoint
+from virnucpro.engines.esm2 import load_esm2
+from virnucpro.testmodels import write_random_checkpoint
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 

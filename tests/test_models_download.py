@@ -16,11 +16,12 @@ from urllib.parse import unquote
 import pytest
 
 import virnucpro.engines.download as models
-from virnucpro.classify.classifier import load_classifier, write_published_classifier
+from virnucpro.classify.classifier import load_classifier
 from virnucpro.cli import main
-from virnucpro.engines.dnabert import load_dnabert_s, write_random_snapshot
+from virnucpro.engines.dnabert import load_dnabert_s
 from virnucpro.errors import UserError
-from virnucpro.engines.esm2 import load_esm2, write_random_checkpoint
+from virnucpro.engines.esm2 import load_esm2
+from virnucpro.testmodels import write_published_classifier, write_random_checkpoint, write_random_snapshot
 from virnucpro.engines.download import MANIFEST, download_models, parse_base_url, resolve_base_urls
 
 # --- a small model server: files under a root, GET with single "bytes=N-" ranges, a request log ---

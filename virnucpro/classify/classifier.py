@@ -11,7 +11,6 @@ a fresh module. State-dict files and ``.safetensors`` files (see ``convert_class
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +39,7 @@ _HINT = (
 )
 
 
-def _mlp_class() -> type:
+def mlp_class() -> type:
     """The published architecture as a torch module class (built lazily to keep imports cheap)."""
     global _MLP
     if _MLP is None:
@@ -95,7 +94,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
 
     from virnucpro.engines.safeload import load_allowlisted
 
-    mlp = _mlp_class()
+    mlp = mlp_class()
     allowed = [
         nn.Linear,
         nn.BatchNorm1d,
@@ -125,7 +124,7 @@ def _build(path: Path, state: dict[str, torch.Tensor]) -> torch.nn.Module:
         raise UserError(f"{path}: not a VirNucPro classifier ({detail})")
     hidden_dim, input_dim = state["hidden_layer.weight"].shape
     num_class = state["output_layer.weight"].shape[0]
-    model = _mlp_class()(input_dim, hidden_dim, num_class)
+    model = mlp_class()(input_dim, hidden_dim, num_class)
     state = dict(state)
     state.setdefault("bn1.num_batches_tracked", torch.tensor(0))
     try:
@@ -175,41 +174,3 @@ def convert_classifier(src: Path, dst: Path) -> None:
     }
     with atomic_path(Path(dst)) as temporary:
         save_file(state, str(temporary), metadata=metadata)
-
-
-def write_published_classifier(path: Path, input_dim: int, hidden_dim: int = 512, seed: int = 0) -> Path:
-    """Write a random classifier as the published ``.pth`` is: ``torch.save(model)`` of ``__main__.MLPClassifier``."""
-    import torch
-
-    base = _mlp_class()
-    published = type("MLPClassifier", (base,), {"__module__": "__main__", "__qualname__": "MLPClassifier"})
-    generator = torch.Generator().manual_seed(seed)
-    model = published(input_dim, hidden_dim, 2)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name == "bn1.running_var":
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
-            elif name == "bn1.weight":
-                tensor.copy_(1.0 + 0.2 * torch.randn(tensor.shape, generator=generator))
-            elif name == "bn1.num_batches_tracked":
-                tensor.fill_(1000)
-            elif name.endswith("weight"):
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) / tensor.shape[1] ** 0.5)
-            else:
-                tensor.copy_(0.3 * torch.randn(tensor.shape, generator=generator))
-    model.eval()
-
-    main = sys.modules["__main__"]
-    absent = object()
-    before = getattr(main, "MLPClassifier", absent)
-    main.MLPClassifier = published
-    try:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model, path)
-    finally:
-        if before is absent:
-            del main.MLPClassifier
-        else:
-            main.MLPClassifier = before
-    return path

@@ -9,14 +9,20 @@ masked out of the attention and of the mean, so that every vector equals the one
 
 from __future__ import annotations
 
-import json
-import math
-import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from virnucpro.engines.dnabert_config import (
+    BERT_PREFIX,
+    BIN_FILE,
+    CONFIG_FILE,
+    FIX_HINT,
+    SAFETENSORS_FILE,
+    TOKENIZER_FILE,
+    DnabertConfig,
+    read_config,
+)
 from virnucpro.errors import UserError
 
 if TYPE_CHECKING:
@@ -26,76 +32,8 @@ if TYPE_CHECKING:
     from virnucpro.engines.dnabert_model import DnabertEncoder
     from virnucpro.engines.embedded import Embedded
 
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-SAFETENSORS_FILE = "model.safetensors"
-BIN_FILE = "pytorch_model.bin"
-SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
-"""The published vocabulary starts with these, ids 0 to 4."""
-
-_PREFIX = "bert."
 _UNUSED = ("cls.", "pooler.")
-_FIX = (
-    "put the published zhihan1996/DNABERT-S files there: 'virnucpro models download --dest DIR' "
-    "writes them to DIR/DNABERT-S"
-)
-
-
-def alibi_slopes(n_heads: int) -> list[float]:
-    """ALiBi slope per head: 2^(-8h/n) for h = 1..n when n is a power of two; otherwise those of
-    the largest power of two p below n, then every other slope for 2p, until there are n."""
-    if n_heads < 1:
-        raise ValueError(f"need at least one attention head, got {n_heads}")
-    p = 2 ** math.floor(math.log2(n_heads))
-    slopes = [2.0 ** (-8.0 * h / p) for h in range(1, p + 1)]
-    if p == n_heads:
-        return slopes
-    return slopes + alibi_slopes(2 * p)[0::2][: n_heads - p]
-
-
-@dataclass(frozen=True)
-class DnabertConfig:
-    """The config.json values that shape the computation (the others do not change it)."""
-
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    intermediate_size: int
-    type_vocab_size: int
-    layer_norm_eps: float
-
-
-def read_config(path: Path) -> DnabertConfig:
-    """Read a snapshot's config.json; ``auto_map`` and the rest are ignored, never run."""
-    return config_from_dict(_read_json(path), path)
-
-
-def config_from_dict(data: dict[str, Any], path: Path) -> DnabertConfig:
-    """The DnabertConfig of a config.json's contents; ``path`` names the file in errors."""
-    values: dict[str, Any] = {}
-    for name, kind in (
-        ("vocab_size", int),
-        ("hidden_size", int),
-        ("num_hidden_layers", int),
-        ("num_attention_heads", int),
-        ("intermediate_size", int),
-        ("type_vocab_size", int),
-        ("layer_norm_eps", float),
-    ):
-        value = data.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise UserError(f"{path}: key '{name}' is missing or not a positive number; {_FIX}")
-        if kind is int and value != int(value):
-            raise UserError(f"{path}: key '{name}' must be a whole number, found {value}; {_FIX}")
-        values[name] = kind(value)
-    config = DnabertConfig(**values)
-    if config.hidden_size % config.num_attention_heads:
-        raise UserError(
-            f"{path}: hidden_size {config.hidden_size} is not a multiple of "
-            f"num_attention_heads {config.num_attention_heads}; {_FIX}"
-        )
-    return config
+"""Published tensors that the encoder does not use: the MLM head and the pooler."""
 
 
 def select_tensors(
@@ -108,21 +46,21 @@ def select_tensors(
     """
     found = {}
     for name, tensor in raw.items():
-        bare = name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
+        bare = name[len(BERT_PREFIX) :] if name.startswith(BERT_PREFIX) else name
         if not bare.startswith(_UNUSED):
             found[bare] = (name, tensor)
     selected = {}
     for name, shape in expected.items():
         if name not in found:
             raise UserError(
-                f"{source}: tensor '{name}' (or '{_PREFIX}{name}') is missing; "
-                f"the file is not a DNABERT-S checkpoint matching config.json; {_FIX}"
+                f"{source}: tensor '{name}' (or '{BERT_PREFIX}{name}') is missing; "
+                f"the file is not a DNABERT-S checkpoint matching config.json; {FIX_HINT}"
             )
         stored_name, tensor = found[name]
         if tuple(tensor.shape) != shape:
             raise UserError(
                 f"{source}: tensor '{stored_name}' has shape {list(tensor.shape)}, config.json "
-                f"requires {list(shape)}; the weights and config.json do not belong together; {_FIX}"
+                f"requires {list(shape)}; the weights and config.json do not belong together; {FIX_HINT}"
             )
         selected[name] = tensor
     return selected
@@ -215,7 +153,7 @@ def load_dnabert_s(
 
     snapshot_dir = Path(snapshot_dir)
     if not snapshot_dir.is_dir():
-        raise UserError(f"DNABERT-S snapshot folder not found: {snapshot_dir}; {_FIX}")
+        raise UserError(f"DNABERT-S snapshot folder not found: {snapshot_dir}; {FIX_HINT}")
     config = read_config(_required(snapshot_dir, CONFIG_FILE))
     tokenizer = _read_tokenizer(_required(snapshot_dir, TOKENIZER_FILE), config)
     source, raw = _read_weights(snapshot_dir)
@@ -230,18 +168,8 @@ def load_dnabert_s(
 def _required(directory: Path, name: str) -> Path:
     path = directory / name
     if not path.is_file():
-        raise UserError(f"{directory}: {name} is missing (looked for {path}); {_FIX}")
+        raise UserError(f"{directory}: {name} is missing (looked for {path}); {FIX_HINT}")
     return path
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: cannot be read as JSON ({error}); {_FIX}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object; {_FIX}")
-    return data
 
 
 def _read_tokenizer(path: Path, config: DnabertConfig) -> tokenizers.Tokenizer:
@@ -251,17 +179,17 @@ def _read_tokenizer(path: Path, config: DnabertConfig) -> tokenizers.Tokenizer:
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as error:  # the tokenizers library raises a bare Exception on a bad file
-        raise UserError(f"{path}: not a tokenizer file the tokenizers library can read ({error}); {_FIX}") from None
+        raise UserError(f"{path}: not a tokenizer file the tokenizers library can read ({error}); {FIX_HINT}") from None
     tokenizer.no_padding()
     tokenizer.no_truncation()
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     ids = tokenizer.encode("A").ids
     if cls is None or sep is None or ids[0] != cls or ids[-1] != sep:
-        raise UserError(f"{path}: the tokenizer does not wrap sequences in [CLS] ... [SEP]; {_FIX}")
+        raise UserError(f"{path}: the tokenizer does not wrap sequences in [CLS] ... [SEP]; {FIX_HINT}")
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise UserError(
             f"{path}: {tokenizer.get_vocab_size()} tokens, more than config.json's vocab_size "
-            f"{config.vocab_size}; the tokenizer and the weights do not belong together; {_FIX}"
+            f"{config.vocab_size}; the tokenizer and the weights do not belong together; {FIX_HINT}"
         )
     return tokenizer
 
@@ -276,184 +204,9 @@ def _read_weights(directory: Path) -> tuple[Path, dict[str, Any]]:
         try:
             return safetensors_path, load_file(safetensors_path)
         except (OSError, SafetensorError) as error:
-            raise UserError(f"{safetensors_path}: not a readable safetensors file ({error}); {_FIX}") from None
+            raise UserError(f"{safetensors_path}: not a readable safetensors file ({error}); {FIX_HINT}") from None
     if bin_path.is_file():
         from virnucpro.engines.safeload import load_state_dict
 
-        return bin_path, load_state_dict(bin_path, hint=_FIX)
-    raise UserError(f"{directory}: no weights, neither {SAFETENSORS_FILE} nor {BIN_FILE}; {_FIX}")
-
-
-# --- small random-weight snapshots in the published layout (tests, demo) ---
-
-_RANDOM_VOCAB_SIZE = 512
-_PUBLISHED_CONFIG: dict[str, Any] = {
-    "_name_or_path": "zhihan1996/DNABERT-2-117M",
-    "alibi_starting_size": 512,
-    "architectures": ["BertModel"],
-    "attention_probs_dropout_prob": 0.0,
-    "auto_map": {
-        "AutoConfig": "configuration_bert.BertConfig",
-        "AutoModel": "bert_layers.BertModel",
-        "AutoModelForMaskedLM": "bert_layers.BertForMaskedLM",
-        "AutoModelForSequenceClassification": "bert_layers.BertForSequenceClassification",
-    },
-    "classifier_dropout": None,
-    "gradient_checkpointing": False,
-    "hidden_act": "gelu",
-    "hidden_dropout_prob": 0.1,
-    "hidden_size": 768,
-    "initializer_range": 0.02,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-12,
-    "max_position_embeddings": 512,
-    "model_type": "bert",
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "pad_token_id": 0,
-    "position_embedding_type": "absolute",
-    "torch_dtype": "float32",
-    "transformers_version": "4.28.0",
-    "type_vocab_size": 2,
-    "use_cache": True,
-    "vocab_size": 4096,
-}
-_TOKENIZER_CONFIG = {
-    "clean_up_tokenization_spaces": True,
-    "cls_token": "[CLS]",
-    "mask_token": "[MASK]",
-    "model_max_length": 1000000000000000019884624838656,
-    "pad_token": "[PAD]",
-    "sep_token": "[SEP]",
-    "tokenizer_class": "PreTrainedTokenizerFast",
-    "unk_token": "[UNK]",
-}
-_SPECIAL_TOKENS_MAP = {
-    "cls_token": "[CLS]",
-    "mask_token": "[MASK]",
-    "pad_token": "[PAD]",
-    "sep_token": "[SEP]",
-    "unk_token": "[UNK]",
-}
-WEIGHT_FORMATS = {"safetensors": SAFETENSORS_FILE, "bin": BIN_FILE}
-
-
-def write_random_snapshot(
-    directory: Path,
-    *,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    intermediate_size: int = 128,
-    seed: int = 0,
-    bert_prefix: bool = False,
-    formats: Sequence[str] = ("safetensors",),
-) -> Path:
-    """Write a small random-weight DNABERT-S snapshot in the published layout; return ``directory``.
-
-    ``formats``: any of ``"safetensors"`` (model.safetensors) and ``"bin"`` (pytorch_model.bin).
-    ``bert_prefix``: tensor names under ``bert.`` with an MLM head (as DNABERT-2-117M publishes
-    them) instead of bare names with a pooler (as DNABERT-S does). The same seed gives the same
-    encoder tensors whatever the layout and format.
-    """
-    unknown = set(formats) - set(WEIGHT_FORMATS)
-    if unknown or not formats:
-        raise ValueError(f"formats must be taken from {sorted(WEIGHT_FORMATS)}, got {list(formats)}")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer_json = _random_tokenizer_json(seed)
-    config = dict(
-        _PUBLISHED_CONFIG,
-        architectures=["BertForMaskedLM" if bert_prefix else "BertModel"],
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        intermediate_size=intermediate_size,
-        vocab_size=_RANDOM_VOCAB_SIZE,
-    )
-    state = _random_state(config_from_dict(config, directory / CONFIG_FILE), seed, bert_prefix)
-    _write_json(directory / CONFIG_FILE, config)
-    (directory / TOKENIZER_FILE).write_text(tokenizer_json, encoding="utf-8")
-    _write_json(directory / "tokenizer_config.json", _TOKENIZER_CONFIG)
-    _write_json(directory / "special_tokens_map.json", _SPECIAL_TOKENS_MAP)
-    if "safetensors" in formats:
-        from safetensors.torch import save_file
-
-        save_file(state, str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
-    if "bin" in formats:
-        import torch
-
-        torch.save(state, directory / BIN_FILE)
-    return directory
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def _random_tokenizer_json(seed: int) -> str:
-    """A BPE tokenizer like the published one, its merges learnt from random DNA drawn with ``seed``."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import BPE
-    from tokenizers.pre_tokenizers import Whitespace
-    from tokenizers.processors import TemplateProcessing
-    from tokenizers.trainers import BpeTrainer
-
-    rng = random.Random(seed)
-    corpus = ["".join(rng.choices("ACGT", k=1000)) for _ in range(200)]
-    tokenizer = Tokenizer(BPE(unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = Whitespace()
-    trainer = BpeTrainer(
-        vocab_size=_RANDOM_VOCAB_SIZE,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=list("ACGTN"),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
-    tokenizer.post_processor = TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", SPECIAL_TOKENS.index("[CLS]")), ("[SEP]", SPECIAL_TOKENS.index("[SEP]"))],
-    )
-    data = json.loads(tokenizer.to_str())
-    # the published file predates the list form of merges: "A T", not ["A", "T"]
-    data["model"]["merges"] = [" ".join(pair) for pair in data["model"]["merges"]]
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-
-
-def _random_state(config: DnabertConfig, seed: int, bert_prefix: bool) -> dict[str, torch.Tensor]:
-    """Random tensors under the published names: encoder first, then the unused heads."""
-    import torch
-
-    from virnucpro.engines.dnabert_model import expected_shapes
-
-    generator = torch.Generator().manual_seed(seed)
-
-    def draw(name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        noise = torch.randn(shape, generator=generator)
-        if name.endswith(("LayerNorm.weight", "layernorm.weight")):
-            return 1.0 + 0.1 * noise
-        if name.endswith(("LayerNorm.bias", "layernorm.bias")):
-            return 0.1 * noise
-        if name.endswith(".bias") or name.startswith("embeddings."):
-            return 0.02 * noise
-        return noise / math.sqrt(shape[-1])
-
-    state = {name: draw(name, shape) for name, shape in expected_shapes(config).items()}
-    hidden = config.hidden_size
-    if not bert_prefix:
-        state["pooler.dense.weight"] = draw("pooler.dense.weight", (hidden, hidden))
-        state["pooler.dense.bias"] = draw("pooler.dense.bias", (hidden,))
-        return state
-    state = {_PREFIX + name: tensor for name, tensor in state.items()}
-    for name, shape in (
-        ("cls.predictions.bias", (config.vocab_size,)),
-        ("cls.predictions.transform.dense.weight", (hidden, hidden)),
-        ("cls.predictions.transform.dense.bias", (hidden,)),
-        ("cls.predictions.transform.LayerNorm.weight", (hidden,)),
-        ("cls.predictions.transform.LayerNorm.bias", (hidden,)),
-        ("cls.predictions.decoder.bias", (config.vocab_size,)),
-    ):
-        state[name] = draw(name, shape)
-    state["cls.predictions.decoder.weight"] = state[_PREFIX + "embeddings.word_embeddings.weight"].clone()
-    return state
+        return bin_path, load_state_dict(bin_path, hint=FIX_HINT)
+    raise UserError(f"{directory}: no weights, neither {SAFETENSORS_FILE} nor {BIN_FILE}; {FIX_HINT}")

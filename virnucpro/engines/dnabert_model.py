@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from virnucpro.engines.dnabert import DnabertConfig, alibi_slopes
+from virnucpro.engines.dnabert_config import DnabertConfig, alibi_slopes
 
 PADDED_KEY_BIAS = -10000.0
 """Added to the attention scores of padded keys, as the published model code does."""

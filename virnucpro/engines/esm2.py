@@ -48,10 +48,14 @@ TOKS_PER_BATCH = 2048
 GPU_TOKS_PER_BATCH = 16384
 """The default budget on a GPU: bigger matrix products, fewer launches; the vectors do not depend on it."""
 ATTENTION = ("sdpa", "fair-esm")
-_ROTARY = "rot_emb.inv_freq"
+ROTARY_FREQUENCIES = "rot_emb.inv_freq"
+"""The name ending of each layer's rotary frequencies (a buffer: not a trained weight, fp32 in fair-esm)."""
+ALPHABET = "ESM-1b"
+"""fair-esm's name of the alphabet (token table) that ESM-2 uses: ``esm.data.Alphabet.from_architecture(ALPHABET)``."""
 
 _PREFIXES = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
-_CONTACT_HEAD = "contact_head."
+CONTACT_HEAD = "contact_head."
+"""The prefix of the contact head's weights, which come from the contact-regression companion file."""
 _CFG_FIELDS = ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads", "token_dropout")
 _HINT = (
     "get the published ESM-2 3B with 'virnucpro models download --dest DIR' "
@@ -208,7 +212,7 @@ def load_esm2(
         )
     state.update(_contact_regression(checkpoint))
 
-    alphabet = Alphabet.from_architecture("ESM-1b")
+    alphabet = Alphabet.from_architecture(ALPHABET)
     model_class = _model_class(attention)
     with torch.device("meta"):
         model = model_class(
@@ -221,7 +225,7 @@ def load_esm2(
     _check_state(checkpoint, model, state)
     pages, target = MappedPages(checkpoint), torch.device(device)
     # the fused path keeps the rotary frequencies in fp32 (fair-esm's own forward needs them in the model dtype)
-    rotary = {name: state.pop(name) for name in list(state) if attention == "sdpa" and name.endswith(_ROTARY)}
+    rotary = {name: state.pop(name) for name in list(state) if attention == "sdpa" and name.endswith(ROTARY_FREQUENCIES)}
     weights = place_tensors(state, target, dtype or torch.float32, pages)
     weights.update(place_tensors(rotary, target, torch.float32, pages))
     model.load_state_dict(weights, strict=True, assign=True)
@@ -288,7 +292,7 @@ def _contact_regression(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The contact head's weights from the companion file, or zeros (with a warning) when it is missing."""
     from virnucpro.engines.safeload import load_allowlisted
 
-    companion = checkpoint.with_name(checkpoint.stem + "-contact-regression.pt")
+    companion = contact_regression_path(checkpoint)
     if not companion.is_file():
         log.warning(
             "%s: the contact-regression companion %s is missing; fair-esm would refuse this checkpoint, "
@@ -302,8 +306,14 @@ def _contact_regression(checkpoint: Path) -> dict[str, torch.Tensor]:
     if not isinstance(weights, dict):
         raise UserError(f"{companion}: not a fair-esm contact-regression file (no 'model' dict)")
     return {
-        name: tensor for name, tensor in upgrade_state_dict(weights).items() if name.startswith(_CONTACT_HEAD)
+        name: tensor for name, tensor in upgrade_state_dict(weights).items() if name.startswith(CONTACT_HEAD)
     }
+
+
+def contact_regression_path(checkpoint: Path) -> Path:
+    """Where fair-esm looks for a checkpoint's contact-regression companion: ``<stem>-contact-regression.pt`` beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + "-contact-regression.pt")
 
 
 def _check_state(checkpoint: Path, model: Any, state: dict[str, torch.Tensor]) -> None:
@@ -311,7 +321,7 @@ def _check_state(checkpoint: Path, model: Any, state: dict[str, torch.Tensor]) -
     import torch
 
     expected = model.state_dict()
-    missing = sorted(name for name in expected if name not in state and not name.startswith(_CONTACT_HEAD))
+    missing = sorted(name for name in expected if name not in state and not name.startswith(CONTACT_HEAD))
     unexpected = sorted(name for name in state if name not in expected)
     if missing or unexpected:
         problems = []
@@ -330,82 +340,3 @@ def _check_state(checkpoint: Path, model: Any, state: dict[str, torch.Tensor]) -
                 f"{checkpoint}: weight {name} has shape {tuple(state[name].shape)}, "
                 f"expected {tuple(reference.shape)} for the ESM-2 shape its cfg describes"
             )
-
-
-def write_random_checkpoint(
-    path: Path,
-    *,
-    num_layers: int = 2,
-    embed_dim: int = 64,
-    attention_heads: int = 4,
-    seed: int = 0,
-) -> Path:
-    """Write a small random-weight ESM-2 checkpoint and its contact-regression companion in the published layout."""
-    import torch
-    from esm.data import Alphabet
-    from esm.model.esm2 import ESM2
-
-    generator = torch.Generator().manual_seed(seed)
-    alphabet = Alphabet.from_architecture("ESM-1b")
-    model = ESM2(num_layers, embed_dim, attention_heads, alphabet, token_dropout=True)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name.endswith("rot_emb.inv_freq"):
-            state[name] = tensor.clone()
-        elif name == "embed_tokens.weight":
-            state[name] = torch.randn(tensor.shape, generator=generator)
-            state[name][alphabet.padding_idx] = 0.0
-        elif name.endswith("layer_norm.weight") or name.endswith("layer_norm_after.weight"):
-            state[name] = 1.0 + 0.1 * torch.randn(tensor.shape, generator=generator)
-        elif tensor.dim() == 2:
-            state[name] = torch.randn(tensor.shape, generator=generator) / tensor.shape[1] ** 0.5
-        else:
-            state[name] = 0.1 * torch.randn(tensor.shape, generator=generator)
-    state = {name: tensor.half() for name, tensor in state.items()}
-    return save_published_checkpoint(
-        path, state, num_layers=num_layers, embed_dim=embed_dim, attention_heads=attention_heads
-    )
-
-
-def save_published_checkpoint(
-    path: Path, state: dict[str, torch.Tensor], *, num_layers: int, embed_dim: int, attention_heads: int
-) -> Path:
-    """Save an ESM2 state dict (our bare names, fp16) as fair-esm publishes it: prefixed keys, a cfg Namespace,
-    ``lm_head.weight`` tied to ``embed_tokens.weight`` (one storage), and the contact-regression companion."""
-    import torch
-
-    path = Path(path)
-    if not path.name.startswith("esm2"):
-        raise ValueError(f"{path}: an ESM-2 checkpoint's name must start with 'esm2' (fair-esm reads the name)")
-    state = dict(state)
-    state["lm_head.weight"] = state["embed_tokens.weight"]
-    encoder = {}
-    regression = {}
-    for name, stored in state.items():
-        if name.startswith(_CONTACT_HEAD):
-            regression[name] = stored
-        elif name.startswith("lm_head."):
-            encoder["encoder." + name] = stored
-        else:
-            encoder["encoder.sentence_encoder." + name] = stored
-    cfg = argparse.Namespace(
-        _name="esm2",
-        arch=f"esm2_t{num_layers}_{embed_dim}",
-        encoder_layers=num_layers,
-        encoder_embed_dim=embed_dim,
-        encoder_ffn_embed_dim=4 * embed_dim,
-        encoder_attention_heads=attention_heads,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        activation_fn="gelu",
-        max_positions=1024,
-        token_dropout=True,
-        embed_scale=1.0,
-        final_bias=True,
-        untie_weights_roberta=False,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"cfg": {"model": cfg}, "model": encoder}, path)
-    torch.save({"model": regression}, path.with_name(path.stem + "-contact-regression.pt"))
-    return path
