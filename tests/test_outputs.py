@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from virnucpro.outputs.aggregate import aggregate_sample
-from virnucpro.classify.predict import PREDICTION_HEADER, format_score, merge_features, prediction_rows
+from virnucpro.classify.predictions import PREDICTION_HEADER, format_score, merge_features, prediction_rows
 
 
 def test_scores_print_as_the_shortest_text_of_their_float32():

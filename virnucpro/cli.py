@@ -77,7 +77,7 @@ def _cmd_embed(args: argparse.Namespace) -> None:
 
 
 def _cmd_classify(args: argparse.Namespace) -> None:
-    from virnucpro.classify.predict import classify_shard
+    from virnucpro.classify.predictions import classify_shard
 
     count = classify_shard(args.nucleotide, args.dnabert_s, args.esm2, args.classifier, args.output)
     logging.info("classified %d frames -> %s", count, args.output)

@@ -10,7 +10,7 @@ from pathlib import Path
 from virnucpro.atomic import atomic_output
 from virnucpro.errors import UserError
 from virnucpro.fasta import read_fasta
-from virnucpro.classify.predict import PREDICTION_HEADER
+from virnucpro.classify.predictions import PREDICTION_HEADER
 
 READS_COLUMNS = (
     "read_id",
@@ -131,7 +131,7 @@ def _verdict(skip_reason: str, chunks: int, tally: _ReadTally, scores: list[_Chu
 
 
 def _format(value: float) -> str:
-    from virnucpro.classify.predict import format_score
+    from virnucpro.classify.predictions import format_score
 
     return format_score(value)
 
