@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,9 @@ from pathlib import Path
 from virnucpro.atomic import atomic_output
 from virnucpro.errors import UserError
 from virnucpro.fasta import read_fasta
-from virnucpro.classify.predictions import PREDICTION_HEADER
+from virnucpro.classify.predict import PREDICTION_HEADER
+from virnucpro.prep.chunk import READS_TABLE_COLUMNS
+from virnucpro.tables import format_row, read_rows, split_row
 
 READS_COLUMNS = (
     "read_id",
@@ -95,7 +96,7 @@ def aggregate_sample(
     failed_shards = bool([row for row in failures if not row.get("sequence_id")])
     read_chunks = _chunks_by_read(chunks)
     with atomic_output(output_dir / "reads.tsv") as out:
-        out.write("\t".join(READS_COLUMNS) + "\n")
+        out.write(format_row(READS_COLUMNS))
         for read_id, (length, chunk_count, skip_reason) in reads.items():
             tally = tallies[read_id]
             scores = read_chunks.get(read_id, [])
@@ -112,7 +113,7 @@ def aggregate_sample(
                 verdict,
                 reason,
             )
-            out.write("\t".join(str(value) for value in row) + "\n")
+            out.write(format_row(row))
 
     _write_failures(output_dir / "failures.tsv", failures)
 
@@ -131,7 +132,7 @@ def _verdict(skip_reason: str, chunks: int, tally: _ReadTally, scores: list[_Chu
 
 
 def _format(value: float) -> str:
-    from virnucpro.classify.predictions import format_score
+    from virnucpro.classify.predict import format_score
 
     return format_score(value)
 
@@ -144,27 +145,26 @@ def _chunks_by_read(chunks: dict[str, _ChunkScores]) -> dict[str, list[_ChunkSco
 
 
 def _read_reads_table(path: Path) -> dict[str, tuple[int, int, str]]:
-    try:
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: reads table not found (it is written by 'virnucpro chunk --reads-table')") from None
-    try:
-        return {row["read_id"]: (int(row["length"]), int(row["chunks"]), row["skip_reason"] or "") for row in rows}
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path}: not a reads table (columns read_id, length, chunks, skip_reason)") from None
+    what = "reads table (written by 'virnucpro chunk --reads-table')"
+    reads: dict[str, tuple[int, int, str]] = {}
+    for number, row in enumerate(read_rows(path, READS_TABLE_COLUMNS, what=what), start=2):
+        try:
+            reads[row["read_id"]] = (int(row["length"]), int(row["chunks"]), row["skip_reason"])
+        except ValueError:
+            raise UserError(f"{path}: line {number}: length and chunks must be whole numbers") from None
+    return reads
 
 
 def _prediction_lines(path: Path):
     """Yield (frame ID, line, P(others), P(virus)) of a per-shard prediction table."""
     import numpy as np
 
-    with open(path) as handle:
+    with open(path, encoding="utf-8") as handle:
         header = handle.readline().rstrip("\n")
         if header != PREDICTION_HEADER:
             raise UserError(f"{path}: not a prediction table (first line should be '{PREDICTION_HEADER}')")
         for number, line in enumerate(handle, start=2):
-            fields = line.rstrip("\n").split("\t")
+            fields = split_row(line)
             if len(fields) != 4:
                 raise UserError(f"{path}: line {number}: expected 4 tab-separated fields")
             yield fields[0], line, float(np.float32(fields[2])), float(np.float32(fields[3]))

@@ -10,9 +10,11 @@ from pathlib import Path
 from virnucpro.atomic import atomic_output
 from virnucpro.errors import UserError
 from virnucpro.fasta import read_fasta, write_fasta_record
+from virnucpro.tables import format_row
 
 EXPECTED_LENGTHS = (300, 500)
-READS_TABLE_HEADER = "read_id\tlength\tchunks\tskip_reason\n"
+READS_TABLE_COLUMNS = ("read_id", "length", "chunks", "skip_reason")
+READS_TABLE_HEADER = format_row(READS_TABLE_COLUMNS)
 _NOT_IUPAC = re.compile(r"[^ACGTURYSWKMBDHVNacgturyswkmbdhvn]")
 
 
@@ -97,5 +99,5 @@ def chunk_fasta(input_path: Path, expected_length: int, output_path: Path,
                     write_fasta_record(out, f"{record.id}_chunk_{count}", sequence[start:end])
                 chunks += count
             if table:
-                table.write(f"{record.id}\t{len(record.sequence)}\t{count}\t{reason}\n")
+                table.write(format_row((record.id, len(record.sequence), count, reason)))
     return ChunkSummary(reads=reads, chunks=chunks, skipped=skipped)
