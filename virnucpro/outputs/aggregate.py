@@ -9,7 +9,7 @@ from pathlib import Path
 from virnucpro.atomic import atomic_output
 from virnucpro.errors import UserError
 from virnucpro.fasta import read_fasta
-from virnucpro.classify.predict import PREDICTION_HEADER
+from virnucpro.classify.predictions import PREDICTION_HEADER
 from virnucpro.prep.chunk import READS_TABLE_COLUMNS
 from virnucpro.tables import format_row, read_rows, split_row
 
@@ -132,7 +132,7 @@ def _verdict(skip_reason: str, chunks: int, tally: _ReadTally, scores: list[_Chu
 
 
 def _format(value: float) -> str:
-    from virnucpro.classify.predict import format_score
+    from virnucpro.classify.predictions import format_score
 
     return format_score(value)
 
