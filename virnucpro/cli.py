@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     sub = command("chunk", _cmd_chunk, "cut reads into chunks of the expected length (published semantics)")
-    sub.add_argument("input", type=Path, help="reads, FASTA (plain or gzip)")
+    sub.add_argument("input", type=Path, help="reads, FASTA or FASTQ (plain or gzip)")
     sub.add_argument("--length", type=int, choices=LENGTHS, required=True, help="expected read length")
     sub.add_argument("--output", type=Path, required=True, help="chunked FASTA to write")
     sub.add_argument("--reads-table", type=Path, help="also write one row per input read (TSV)")
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--run-stats", type=Path, help="run_stats.json: draw daemons.png")
 
     sub = command("predict", _cmd_predict, "the whole method in one process (counterpart of prediction.py)")
-    sub.add_argument("input", type=Path, help="reads, FASTA (plain or gzip)")
+    sub.add_argument("input", type=Path, help="reads, FASTA or FASTQ (plain or gzip)")
     sub.add_argument("--length", type=int, choices=LENGTHS, required=True, help="expected read length")
     sub.add_argument("--esm2", type=Path, required=True, help="ESM-2 checkpoint (.pt, fair-esm format)")
     sub.add_argument("--dnabert-s", type=Path, required=True, help="DNABERT-S snapshot folder")

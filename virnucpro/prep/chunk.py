@@ -9,7 +9,7 @@ from pathlib import Path
 
 from virnucpro.atomic import atomic_output
 from virnucpro.errors import UserError
-from virnucpro.fasta import read_fasta, write_fasta_record
+from virnucpro.fasta import read_reads, write_fasta_record
 from virnucpro.tables import format_row
 
 EXPECTED_LENGTHS = (300, 500)
@@ -81,7 +81,7 @@ def chunk_fasta(input_path: Path, expected_length: int, output_path: Path,
         table = stack.enter_context(atomic_output(reads_table)) if reads_table else None
         if table:
             table.write(READS_TABLE_HEADER)
-        for record in read_fasta(input_path):
+        for record in read_reads(input_path):
             earlier = first_seen.setdefault(record.id, record.number)
             if earlier != record.number:
                 raise UserError(f"{input_path}: record {record.number} ('{record.id}'): duplicate "
