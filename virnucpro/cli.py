@@ -37,7 +37,9 @@ def _cmd_shard(args: argparse.Namespace) -> None:
 
 
 def _cmd_embed(args: argparse.Namespace) -> None:
-    if args.run_dir is not None:
+    if args.weights is None and args.run_dir is None:
+        raise UserError("embed needs --weights PATH (in-process) or --run-dir DIR (ask a running daemon)")
+    if args.weights is None:
         from virnucpro.serving.client import request_embedding
 
         if args.failure_manifest is not None:
@@ -52,25 +54,32 @@ def _cmd_embed(args: argparse.Namespace) -> None:
             timeout=args.timeout,
             on_failure=args.on_failure,
             stop_file=args.stop_file,
+            precision=args.precision,
+            fingerprint=args.model_fingerprint,
         )
         return
-    if args.weights is None:
-        raise UserError("embed needs --weights PATH (in-process) or --run-dir DIR (ask a running daemon)")
-    if args.on_failure == "record" and args.failure_manifest is None:
-        raise UserError("--on-failure record needs --failure-manifest PATH (in-process) or --run-dir DIR")
     from virnucpro.engines.embed import embed_shard
 
+    manifest, on_failure = args.failure_manifest, args.on_failure
+    if args.run_dir is not None:
+        from virnucpro.serving.rundir import RunDir
+
+        run = RunDir(args.run_dir)
+        manifest = manifest or run.failures
+        on_failure = on_failure or run.read_settings().get("on_failure")
+    if on_failure == "record" and manifest is None:
+        raise UserError("--on-failure record needs --failure-manifest PATH or --run-dir DIR")
     summary = embed_shard(
         args.input,
         args.model,
         args.weights,
         args.output,
         device=args.device,
-        precision=args.precision,
-        manifest=args.failure_manifest,
+        precision=args.precision or "fp32",
+        manifest=manifest,
         sample=args.sample,
         shard=args.shard,
-        on_failure=args.on_failure,
+        on_failure=on_failure or "fail",
     )
     if summary is not None:
         logging.info("embedded %d sequences (%d tokens) -> %s", summary.sequences, summary.tokens, args.output)
@@ -97,13 +106,19 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
 
 
 def _cmd_run_stats(args: argparse.Namespace) -> None:
-    from virnucpro.outputs.aggregate import write_run_stats
+    from virnucpro.serving.rundir import RunDir
+    from virnucpro.serving.stats import write_run_stats
 
-    write_run_stats(args.daemon_stats, args.output)
+    events = []
+    if args.run_dir is not None:
+        run = RunDir(args.run_dir)
+        session = run.read_settings().get("session")
+        events = [event for event in run.read_events() if session and event.get("session") == session]
+    write_run_stats(args.daemon_stats, args.output, events)
 
 
 def _cmd_report_plots(args: argparse.Namespace) -> None:
-    from virnucpro.outputs.report import daemons_plot, sample_plots
+    from virnucpro.outputs.report import daemons_plot, draw_sample_plots, summarize_sample, write_summary_page
 
     sample_inputs = (args.reads_table, args.predictions, args.failures)
     if args.sample is None and args.run_stats is None:
@@ -111,7 +126,8 @@ def _cmd_report_plots(args: argparse.Namespace) -> None:
     if args.sample is not None:
         if None in sample_inputs:
             raise UserError("report-plots --sample needs --reads-table, --predictions and --failures")
-        for path in sample_plots(args.sample, *sample_inputs, args.output_dir):
+        summary = summarize_sample(args.sample, *sample_inputs, top=args.top, preview=args.preview)
+        for path in [*draw_sample_plots(summary, args.output_dir), write_summary_page(summary, args.output_dir)]:
             logging.info("wrote %s", path)
     if args.run_stats is not None:
         logging.info("wrote %s", daemons_plot(args.run_stats, args.output_dir))
@@ -153,6 +169,24 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         transport=args.transport,
         bind_host=args.bind_host,
     )
+
+
+def _cmd_serve_job(args: argparse.Namespace) -> None:
+    from virnucpro.serving.supervise import serve_job
+
+    serve_args = [
+        "--model", args.model, "--weights", str(args.weights), "--device", args.device, "--precision", args.precision,
+        "--run-dir", str(args.run_dir), "--stats-output", str(args.stats_output), "--daemon-id", args.daemon_id,
+        "--idle-timeout", "0", "--cache-clear-every", str(args.cache_clear_every), "--drain-grace",
+        str(args.drain_grace), "--transport", args.transport, "--bind-host", args.bind_host,
+    ]  # fmt: skip
+    for root in args.allowed_root or []:
+        serve_args += ["--allowed-root", str(root)]
+    code = serve_job(serve_args, run_dir=args.run_dir, daemon_id=args.daemon_id, model=args.model,
+                     stats_output=args.stats_output, orphan_timeout=args.orphan_timeout,
+                     freeze_timeout=args.freeze_timeout, drain_grace=args.drain_grace)  # fmt: skip
+    if code:
+        raise SystemExit(code)
 
 
 def _cmd_stop_daemons(args: argparse.Namespace) -> None:
@@ -226,20 +260,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("input", type=Path, help="FASTA to embed")
     sub.add_argument("--model", choices=MODEL_CHOICES, required=True)
     sub.add_argument("--output", type=Path, required=True, help="embedding file to write (.pt)")
-    sub.add_argument("--weights", type=Path, help="model file or snapshot folder (in-process mode)")
-    sub.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    sub.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32")
-    sub.add_argument("--run-dir", type=Path, help="send the file to a daemon registered under this run folder")
+    sub.add_argument("--weights", type=Path,
+                     help="model file or snapshot folder: embed in this process (else ask a daemon of --run-dir)")
+    sub.add_argument("--device", default="cpu", help="in-process: cpu, cuda or cuda:N (default cpu)")
+    sub.add_argument("--precision", choices=PRECISIONS,
+                     help="in-process: default fp32; daemon mode: only ask daemons of this precision")
+    sub.add_argument("--run-dir", type=Path,
+                     help="the run folder: without --weights, send the file to a daemon registered there; with "
+                     "--weights, record failures in its manifest. Inside a workflow run, --timeout and --on-failure "
+                     "default to the run's settings (RUN_DIR/settings.json)")  # fmt: skip
+    sub.add_argument("--model-fingerprint",
+                     help="daemon mode: only ask daemons holding the model of this fingerprint")
     sub.add_argument("--sample", default="", help="sample name, for the failure manifest")
     sub.add_argument("--shard", default="", help="shard name, for the failure manifest")
-    sub.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for a daemon (default 3600)")
-    sub.add_argument("--on-failure", choices=("fail", "record"), default="fail",
+    sub.add_argument("--timeout", type=float, help="seconds to wait for a daemon (default 3600)")
+    sub.add_argument("--on-failure", choices=("fail", "record"),
                      help="a shard that fails for good: exit non-zero (fail, default), or, once it is in the failure "
                      "manifest, write an embedding file with no rows and exit 0 with a warning (record)")  # fmt: skip
     sub.add_argument("--failure-manifest", type=Path,
                      help="in-process mode: record failures in this manifest (daemon mode: RUN_DIR/failures.tsv)")
     sub.add_argument("--stop-file", type=Path,
-                     help="daemon mode: give up waiting for a daemon once this file's content changes (the run ends)")
+                     help="daemon mode: give up waiting for a daemon once this file's content changes "
+                     "(default: the run folder's stop file)")  # fmt: skip
 
     sub = command("classify", _cmd_classify, "merge the embeddings of one shard by ID and classify its frames")
     sub.add_argument("nucleotide", type=Path, help="the shard's nucleotide FASTA (fixes the row order)")
@@ -259,10 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("run-stats", _cmd_run_stats, "collect the daemons' statistics into one JSON file")
     sub.add_argument("daemon_stats", type=Path, nargs="*", help="statistics files written by serve")
     sub.add_argument("--output", type=Path, required=True)
+    sub.add_argument("--run-dir", type=Path, help="also list the daemons this workflow run lost (RUN_DIR/events.jsonl)")
 
-    sub = command("report-plots", _cmd_report_plots, "draw the report's plots (PNG) of a sample or of the daemons")
-    sub.add_argument("--output-dir", type=Path, required=True, help="folder for the PNG files")
-    sub.add_argument("--sample", help="sample name: draw scores.png, verdicts.png and failures.png")
+    sub = command("report-plots", _cmd_report_plots,
+                  "draw the report's plots (PNG) and summary page (HTML) of a sample, or the daemons' plot")  # fmt: skip
+    sub.add_argument("--output-dir", type=Path, required=True, help="folder for the PNG and HTML files")
+    sub.add_argument("--sample", help="sample name: draw scores.png, verdicts.png, failures.png, write summary.html")
+    sub.add_argument("--top", type=int, default=50, help="summary.html: list this many top-scoring reads (default 50)")
+    sub.add_argument("--preview", type=int, default=100, help="summary.html: show this many first reads (default 100)")
     sub.add_argument("--reads-table", type=Path, help="the sample's reads.tsv")
     sub.add_argument("--predictions", type=Path, help="the sample's prediction_results.txt")
     sub.add_argument("--failures", type=Path, help="the sample's failures.tsv")
@@ -292,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--idle-timeout", type=float, default=600.0, help="exit after this many idle seconds")
     sub.add_argument("--cache-clear-every", type=int, default=10, help="clear the CUDA cache every N shards")
-    sub.add_argument("--stop-file", type=Path, help="stop once this file's content differs from its content at start")
+    sub.add_argument("--stop-file", type=Path, help="stop once this file's content differs from its content at start (default: RUN_DIR/stop)")
     sub.add_argument("--max-queue", type=int, default=32,
                      help="shards accepted at once (queued or running); more get 'busy, retry after' (default 32)")
     sub.add_argument("--drain-grace", type=float, default=25.0,
@@ -302,10 +348,31 @@ def build_parser() -> argparse.ArgumentParser:
                      "authenticated with the run's keys in RUN_DIR/keys/")  # fmt: skip
     sub.add_argument("--bind-host", default="*", help="tcp: interface address to listen on (default: all)")
 
+    sub = command("serve-job", _cmd_serve_job,
+                  "a workflow's serve job: run a daemon as a child, stop it when the run is gone, kill it when it "
+                  "freezes (exit 0 when stopped or its work is taken over, 1 when a restart must replace it)")
+    sub.add_argument("--model", choices=MODEL_CHOICES, required=True)
+    sub.add_argument("--weights", type=Path, required=True, help="model file or snapshot folder")
+    sub.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    sub.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32")
+    sub.add_argument("--run-dir", type=Path, required=True, help="the run folder of the workflow run")
+    sub.add_argument("--stats-output", type=Path, required=True, help="statistics JSON written on exit")
+    sub.add_argument("--daemon-id", required=True, help="name in the registry")
+    sub.add_argument("--allowed-root", type=Path, action="append", help="folder the daemon may read and write")
+    sub.add_argument("--cache-clear-every", type=int, default=10, help="clear the CUDA cache every N shards")
+    sub.add_argument("--drain-grace", type=float, default=25.0, help="seconds to finish a shard when stopping")
+    sub.add_argument("--transport", choices=("ipc", "tcp"), default="ipc")
+    sub.add_argument("--bind-host", default="*", help="tcp: interface address to listen on (default: all)")
+    sub.add_argument("--orphan-timeout", type=float, default=120.0,
+                     help="stop the daemon once the run's heartbeat is this many seconds old (default 120)")
+    sub.add_argument("--freeze-timeout", type=float, default=60.0,
+                     help="kill the daemon once its registry entry is this many seconds old (default 60; 0: never)")
+
     sub = command("stop-daemons", _cmd_stop_daemons, "ask the daemons registered under a run folder to stop")
     sub.add_argument("--run-dir", type=Path, required=True)
     sub.add_argument("--model", choices=MODEL_CHOICES, help="only daemons of this model")
-    sub.add_argument("--stop-file", type=Path, help="also write a fresh token to this stop file")
+    sub.add_argument("--stop-file", type=Path,
+                     help="write the fresh stop token here instead of RUN_DIR/stop (daemons started with --stop-file)")
 
     from virnucpro.engines.download import GROUPS  # stdlib only: cheap
 

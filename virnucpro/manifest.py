@@ -1,22 +1,30 @@
-"""The failure manifest: one TSV line per thing that could not be done, appended safely by many processes.
+"""The failure manifest: what could not be done, as it stands now, shared safely by many processes.
 
 Schema (tab-separated, one header line, UTF-8):
 ``time sample stage shard sequence_id error_class message attempts daemon``.
 ``time`` is UTC ISO 8601; a field unknown to the writer is empty. Inside a field, backslash, tab,
 newline and carriage return are written as ``\\\\``, ``\\t``, ``\\n`` and ``\\r``; ``read_failures``
 undoes that.
+
+The manifest says what is true now: ``record_embed_failures`` replaces every entry of one shard and
+stage by that shard's latest outcome (none once it is embedded). Writers hold an exclusive ``flock`` on
+``<manifest>.lock`` and replace the file atomically, so a reader always sees a whole manifest.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from virnucpro import atomic
 from virnucpro.errors import UserError
 
 MANIFEST_COLUMNS = ("time", "sample", "stage", "shard", "sequence_id", "error_class", "message", "attempts", "daemon")
+HEADER = "\t".join(MANIFEST_COLUMNS) + "\n"
 
 _ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
@@ -36,37 +44,76 @@ def unescape_field(field: str) -> str:
 
 
 def append_failure(path: Path, **fields: object) -> None:
-    """Append one failure line (missing fields empty, ``time`` now), writing the header if the file is new."""
-    unknown = set(fields) - set(MANIFEST_COLUMNS)
-    if unknown:
-        raise ValueError(f"unknown manifest field(s): {', '.join(sorted(unknown))}")
-    fields.setdefault("time", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    line = "\t".join(escape_field(fields.get(column, "")) for column in MANIFEST_COLUMNS) + "\n"
+    """Add one entry (missing fields empty, ``time`` now), creating the manifest if needed."""
+    with _locked(path):
+        entries = _read(Path(path))
+        entries.append(_entry(fields))
+        _write(Path(path), entries)
+
+
+def record_embed_failures(
+    path: Path,
+    *,
+    sample: str,
+    stage: str,
+    shard: str,
+    daemon: str = "",
+    shard_error: tuple[str, str, int] | None = None,
+    sequence_failures: dict[str, str] | None = None,
+) -> None:
+    """Make the manifest's entries for one shard's embedding (``sample``, ``stage``, ``shard``) its latest
+    outcome: ``shard_error`` (error class, message, attempts) when the shard could not be embedded, else
+    one ``OutOfMemoryError`` entry per sequence of ``sequence_failures`` (ID -> reason), or none at all."""
+    key = {"sample": sample, "stage": stage, "shard": shard}
+    new = []
+    if shard_error is not None:
+        error_class, message, attempts = shard_error
+        new.append(_entry({**key, "error_class": error_class, "message": message, "attempts": attempts,
+                           "daemon": daemon}))  # fmt: skip
+    for sequence_id, reason in (sequence_failures or {}).items():
+        new.append(_entry({**key, "sequence_id": sequence_id, "error_class": "OutOfMemoryError", "message": reason,
+                           "attempts": 1, "daemon": daemon}))  # fmt: skip
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
-        header = "\t".join(MANIFEST_COLUMNS) + "\n" if os.fstat(descriptor).st_size == 0 else ""
-        data = (header + line).encode("utf-8")
-        while data:
-            data = data[os.write(descriptor, data) :]
-    finally:
-        os.close(descriptor)
+    if not new and not path.exists():
+        return
+    with _locked(path):
+        kept = [entry for entry in _read(path) if any(entry[name] != value for name, value in key.items())]
+        _write(path, kept + new)
 
 
 def read_failures(path: Path) -> list[dict[str, str]]:
     """All entries of a manifest as dicts keyed by ``MANIFEST_COLUMNS``; a missing file has none."""
+    return _read(Path(path))
+
+
+def _entry(fields: dict) -> dict[str, str]:
+    unknown = set(fields) - set(MANIFEST_COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown manifest field(s): {', '.join(sorted(unknown))}")
+    fields = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields}
+    return {column: str(fields.get(column, "")) for column in MANIFEST_COLUMNS}
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            fcntl.flock(handle, fcntl.LOCK_SH)
-            lines = handle.read().split("\n")[:-1]
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")[:-1]
     except FileNotFoundError:
         return []
     if not lines:
         return []
-    if tuple(lines[0].split("\t")) != MANIFEST_COLUMNS:
+    if lines[0] + "\n" != HEADER:
         raise UserError(f"{path}: not a failure manifest (first line must be the header: {' '.join(MANIFEST_COLUMNS)})")
     entries = []
     for number, line in enumerate(lines[1:], start=2):
@@ -75,3 +122,8 @@ def read_failures(path: Path) -> list[dict[str, str]]:
             raise UserError(f"{path}, line {number}: {len(values)} fields, expected {len(MANIFEST_COLUMNS)}")
         entries.append({column: unescape_field(value) for column, value in zip(MANIFEST_COLUMNS, values)})
     return entries
+
+
+def _write(path: Path, entries: list[dict[str, str]]) -> None:
+    lines = ["\t".join(escape_field(entry[column]) for column in MANIFEST_COLUMNS) + "\n" for entry in entries]
+    atomic.write_text(path, HEADER + "".join(lines))

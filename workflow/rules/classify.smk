@@ -1,4 +1,5 @@
-# Stage 5: per shard, join both embeddings by frame ID and run the classifier (CPU).
+# Stage 5: per shard, join both embeddings by frame ID and run the classifier (CPU). The classifier's
+# fingerprint is a param: another classifier file (even one with the same name) redoes the predictions.
 
 
 rule classify_shard:
@@ -9,6 +10,8 @@ rule classify_shard:
         classifier=config["models"]["classifier"],
     output:
         "results/{sample}/work/predictions/{shard}.tsv",
+    params:
+        classifier=get_model_fingerprint("classifier"),
     log:
         "logs/classify/{sample}/{shard}.log",
     conda:

@@ -1,19 +1,10 @@
-# Configuration and sample checks (at parse time, one-line errors), the run-time check that the
-# daemons can make progress (onstart), and the input functions of the rules.
+# Configuration and sample checks (at parse time, one-line errors), the check that the daemons can
+# make progress (onstart), and the input and params functions of the rules.
 
 import csv
-import glob
-import json
-import logging
-import math
 import os
 import re
-import secrets
 import shlex
-import signal
-import socket
-import threading
-import time
 from pathlib import Path
 
 import jsonschema
@@ -21,6 +12,10 @@ import jsonschema
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
+
+from virnucpro.fingerprint import model_fingerprint
+from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir
+from virnucpro.serving.supervise import RunWatch, clear_stale_outputs, new_session
 
 MODELS = ("esm2", "dnabert_s")
 SAMPLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -140,27 +135,11 @@ else:
     logger.warning("no samples configured: set 'samples' or 'sample_sheet' in the config (see config/README.md)")
 DAEMON_MODE = config["embedding_mode"] == "daemon"
 DAEMONS = daemon_table(config) if DAEMON_MODE else {}
-RUN_DIR = config["run_dir"]
-STOP_FILE = os.path.join(RUN_DIR, "stop")
-HEARTBEAT = os.path.join(RUN_DIR, "heartbeat")
-FAILURE_MANIFEST = os.path.join(RUN_DIR, "failures.tsv")
+RUN = RunDir(config["run_dir"])
+RUN_DIR = str(RUN.root)
 # With a cluster executor the embedding clients run where snakemake runs (localrules, Snakefile).
 LOCAL_CLIENTS = DAEMON_MODE and config["cluster_local_clients"]
 MAIN_PROCESS = not (workflow.remote_exec or workflow.subprocess_exec)  # not a job's own snakemake
-if MAIN_PROCESS:
-    # This run's identity. Jobs inherit the environment (locally, and through sbatch --export=ALL);
-    # a serve job compares it with the heartbeat's, so a daemon of a killed run never serves a later one.
-    os.environ.update(VIRNUCPRO_RUN_TOKEN=secrets.token_hex(8))
-    # A failing job stops the daemons at once (shell prefix below), unless the run keeps going.
-    stop_on_error = DAEMON_MODE and not getattr(workflow.execution_settings, "keep_going", False)
-    os.environ.update(VIRNUCPRO_STOP_DAEMONS_ON_ERROR="1" if stop_on_error else "0")
-if DAEMON_MODE and os.environ.get("VIRNUCPRO_STOP_DAEMONS_ON_ERROR") == "1":
-    # Set here, not in onstart, so that the jobs' own snakemake processes on a cluster use it too:
-    # when a job's command fails, it stops the daemons instead of the run waiting for their idle timeout.
-    _stop = f"virnucpro -q stop-daemons --run-dir {shlex.quote(RUN_DIR)} --stop-file {shlex.quote(STOP_FILE)} || true"
-    shell.prefix(f"set -euo pipefail; trap {shlex.quote(_stop)} ERR; ".replace("{", "{{").replace("}", "}}"))
-# Lets envs/virnucpro.yaml install this checkout of the package (pip expands ${VIRNUCPRO_SOURCE}).
-os.environ.setdefault("VIRNUCPRO_SOURCE", str(Path(workflow.basedir).parent))
 
 
 def is_gpu(device):
@@ -229,189 +208,49 @@ def get_daemon_stats():
     return expand("results/daemons/{daemon}.stats.json", daemon=DAEMONS)
 
 
-def daemon_param(key):
+def get_daemon(key):
     return lambda wildcards: DAEMONS[wildcards.daemon][key]
-
-
-def daemon_transport(wildcards=None):
-    """The config's transport; else ipc for a local run, tcp (across nodes) with a cluster executor.
-    The main process decides (a job's own snakemake runs locally) and passes it on (onstart)."""
-    if not MAIN_PROCESS:
-        return os.environ.get("VIRNUCPRO_TRANSPORT", "ipc")
-    return config["transport"] or ("ipc" if workflow.local_exec else "tcp")
 
 
 def get_daemon_weights(wildcards):
     return config["models"][DAEMONS[wildcards.daemon]["model"]]
 
 
-def daemon_gpus(wildcards):
+def get_daemon_gpus(wildcards):
     return int(is_gpu(DAEMONS[wildcards.daemon]["device"]))
 
 
-def embed_device(model):
-    """In-process mode embeds on the first device listed for the model."""
-    return config["daemons"][model][0]
+def get_transport(wildcards=None):
+    """The config's transport; else ipc for a local run, tcp (across nodes) with a cluster executor."""
+    if config["transport"]:
+        return config["transport"]
+    if MAIN_PROCESS:
+        return "ipc" if workflow.local_exec else "tcp"
+    return "tcp"  # a job's own snakemake: only cluster jobs have one
 
 
-def embed_weights(model):
+def get_model_fingerprint(model):
+    """The identity of a model's files: embeddings (and predictions) made with another are redone."""
+    path = config["models"][model]
+    return model_fingerprint(path) if os.path.exists(path) else "absent"
+
+
+def get_embed_weights(model):
     """The model as an input of in-process embedding jobs (daemon mode: the daemon holds it)."""
     return [] if DAEMON_MODE else [config["models"][model]]
 
 
-def embed_gpus(model):
-    return 0 if DAEMON_MODE else int(is_gpu(embed_device(model)))
+def get_embed_gpus(model):
+    """In-process mode embeds on the first device listed for the model."""
+    return 0 if DAEMON_MODE else int(is_gpu(config["daemons"][model][0]))
 
 
-def embed_args(model):
-    """How an embedding job reaches its model: a daemon of the run, or loading it itself."""
+def get_embed_access(model):
+    """How an embedding job reaches its model, beyond --run-dir: a daemon (nothing more), or loading it
+    itself. Used in the shell command (EMBED_ACCESS), not as a param: it cannot change a result."""
     if DAEMON_MODE:
-        return f"--run-dir {shlex.quote(RUN_DIR)} --timeout {config['client_timeout']}"
-    return (
-        f"--weights {shlex.quote(config['models'][model])} --device {embed_device(model)} "
-        f"--precision {config['precision']}"
-    )
+        return ""
+    return f"--weights {shlex.quote(config['models'][model])} --device {config['daemons'][model][0]}"
 
 
-# --- the daemons' lifecycle when the run does not end well (see daemons.smk) ---------------------
-
-HEARTBEAT_EVERY = 5  # seconds between two heartbeats of the run
-LEFTOVER_WAIT = 120  # seconds to wait at start for the daemons of an earlier run to exit
-STOP_GRACE = 10  # seconds a daemon may take to notice a stop token itself before its serve job ends it
-PROC = Path(os.sep, "proc")  # Linux: the processes (where it is missing, no local client is ended)
-
-
-def write_stop_token(path):
-    """Replace the stop file's content, atomically, by a fresh token: every daemon watching it stops,
-    and every embedding client stops waiting for one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = f"{path}.{secrets.token_hex(4)}.tmp"
-    with open(temporary, "w") as handle:
-        handle.write(f"stop {time.time():.6f} {secrets.token_hex(16)}\n")
-    os.replace(temporary, path)
-
-
-def read_file(path):
-    try:
-        with open(path, "rb") as handle:
-            return handle.read()
-    except OSError:
-        return None
-
-
-def descendants(pid):
-    """The IDs of the processes below `pid` (from /proc; none where there is no /proc)."""
-    children = {}
-    for stat in glob.glob(str(PROC / "[0-9]*" / "stat")):
-        text = read_file(stat)
-        if text:
-            parent = int(text.rsplit(b")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(Path(stat).parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def end_local_clients():
-    """SIGTERM the embedding clients (`virnucpro embed`) that this snakemake process started."""
-    for pid in descendants(os.getpid()):
-        args = (read_file(PROC / str(pid) / "cmdline") or b"").split(b"\0")
-        if b"embed" in args and any(os.path.basename(arg) == b"virnucpro" for arg in args):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-
-def keep_ending_local_clients(seconds):
-    """A client watches the stop file from its own start: one that started just as the stop token was
-    written would wait for a daemon until its timeout. So end the clients for a while."""
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        time.sleep(0.5)
-        end_local_clients()
-
-
-def stop_run_daemons():
-    """Stop this run's daemons (a fresh stop token) and its local clients (now and for STOP_GRACE s)."""
-    write_stop_token(STOP_FILE)
-    end_local_clients()
-    threading.Thread(target=keep_ending_local_clients, args=(STOP_GRACE,), daemon=True).start()
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def beat_heartbeat(token):
-    """Write the run's heartbeat, `<token> <count>`, every HEARTBEAT_EVERY seconds, for as long as this
-    (main) snakemake process lives: the serve jobs stop their daemons when it stops changing."""
-    beat = 0
-    while True:
-        temporary = f"{HEARTBEAT}.{token}.tmp"
-        try:
-            with open(temporary, "w") as handle:
-                handle.write(f"{token} {beat}\n")
-            os.replace(temporary, HEARTBEAT)
-        except OSError as error:  # a file system hiccup: try again at the next beat
-            logger.warning(f"could not write the run's heartbeat {HEARTBEAT}: {error}")
-        beat += 1
-        time.sleep(HEARTBEAT_EVERY)
-
-
-class StopDaemonsOnJobError(logging.Handler):
-    """Stops the daemons as soon as snakemake reports a failed job, whatever ended it (its command, or
-    SLURM: time or memory limit, a lost node), instead of the run waiting for their idle timeout."""
-
-    def emit(self, record):
-        if str(getattr(record, "event", "")) == "job_error":
-            stop_run_daemons()
-
-
-def on_interrupt(previous):
-    """A SIGINT/SIGTERM/SIGHUP handler: stop the daemons and the local clients, then do what snakemake
-    (or Python) does with the signal."""
-
-    def handler(number, frame):
-        stop_run_daemons()
-        if callable(previous):
-            previous(number, frame)
-        elif previous == signal.SIG_DFL:
-            signal.signal(number, signal.SIG_DFL)
-            os.kill(os.getpid(), number)
-
-    return handler
-
-
-def wait_for_leftover_daemons():
-    """Wait (boundedly) until the daemons of an earlier run have exited, so that ours can take their IDs."""
-    deadline = time.monotonic() + LEFTOVER_WAIT
-    while True:
-        live = []
-        for path in glob.glob(os.path.join(RUN_DIR, "registry", "*.json")):
-            try:
-                entry = json.loads(read_file(path) or b"{}")
-                pid, here = int(entry.get("pid", 0)), entry.get("host") == socket.gethostname()
-            except (ValueError, TypeError):
-                continue
-            beat = entry.get("heartbeat")  # a daemon on another host refreshes it while it lives
-            gone = here and not pid_alive(pid) or isinstance(beat, (int, float)) and (
-                time.time() - beat > LEFTOVER_WAIT
-            )
-            if entry.get("state") != "failed" and not gone:
-                live.append(f"{entry.get('daemon_id')} (pid {pid} on {entry.get('host')})")
-        if not live:
-            return
-        if time.monotonic() > deadline:
-            logger.warning(f"daemon(s) of an earlier run still registered after {LEFTOVER_WAIT} s: {', '.join(live)}")
-            return
-        time.sleep(1)
+EMBED_ACCESS = {model: get_embed_access(model) for model in MODELS}

@@ -1,0 +1,82 @@
+"""The daemons' statistics: one file per daemon at exit, merged into the run's ``run_stats.json``."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from virnucpro import atomic
+from virnucpro.errors import UserError
+
+
+@dataclass
+class DaemonCounters:
+    """What a daemon counts while it serves (docs/daemons.md, "Statistics")."""
+
+    model_loads: int = 0
+    load_seconds: float | None = None
+    shards: int = 0  # computed: done and failed
+    sequences: int = 0
+    tokens: int = 0
+    compute_seconds: float = 0.0
+    cache_clears: int = 0
+    failures: int = 0  # shards
+    sequence_failures: int = 0
+    cached: int = 0  # answered from a done record
+    attached: int = 0  # requests joined to one in progress
+    expired: int = 0
+    busy_replies: int = 0
+    taken_over: int = 0  # shards accepted from a client that had lost a daemon on them
+    handed_back: int = 0  # shards given back when stopping
+    peak_queued: int = 0
+    bad_messages: int = 0
+
+    def mean_shard_seconds(self) -> float:
+        return self.compute_seconds / self.shards if self.shards else 1.0
+
+
+def final_stats(identity: dict, counters: DaemonCounters, exit_reason: str, device: str) -> dict:
+    """A daemon's statistics file: its identity, its counters, throughput, peak memory, why it exited."""
+    peak_gpu = None
+    if device.startswith("cuda") and "torch" in sys.modules:
+        peak_gpu = int(sys.modules["torch"].cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds = counters.compute_seconds
+    return {
+        **identity, **asdict(counters), "compute_seconds": round(seconds, 6),
+        "tokens_per_second": round(counters.tokens / seconds, 3) if seconds else 0.0,
+        "peak_host_memory_bytes": rss if sys.platform == "darwin" else rss * 1024,
+        "peak_gpu_memory_bytes": peak_gpu, "exit_reason": exit_reason,
+    }  # fmt: skip
+
+
+def write_stats(path: Path, stats: dict) -> None:
+    atomic.write_json(Path(path), stats)
+
+
+def read_stats(path: Path) -> dict:
+    try:
+        stats = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: unreadable daemon statistics ({error})") from None
+    if not isinstance(stats, dict):
+        raise UserError(f"{path}: unreadable daemon statistics (not a JSON object)")
+    return stats
+
+
+def write_run_stats(daemon_stats: list[Path], output: Path, events: list[dict] | None = None) -> None:
+    """Collect the daemons' statistics files (and the run's daemon events: losses, freezes, restarts)
+    into ``run_stats.json``."""
+    daemons = [read_stats(path) for path in daemon_stats]
+    events = events or []
+    summary = {
+        "daemons": daemons,
+        "model_loads": sum(int(entry.get("model_loads", 0)) for entry in daemons),
+        "shards": sum(int(entry.get("shards", 0)) for entry in daemons),
+        "daemons_lost": [event for event in events if event.get("event") in ("lost", "frozen")],
+        "events": events,
+    }
+    atomic.write_text(Path(output), json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,357 @@
+"""The daemons' lifecycle inside a workflow run (docs/daemons.md, "Lifecycle in a run").
+
+Two sides, both written down there as rules and tested on real snakemake runs:
+
+- ``RunWatch``, in the workflow's main snakemake process: at start it stops whatever an earlier run
+  left, records this run's settings and stop-token baseline, then beats the run's heartbeat, watches
+  snakemake's job events, and tells the daemons to stop (a fresh stop token) once the run has nothing
+  left for them: nothing but serve jobs running for ``idle_timeout`` seconds, or for a few seconds
+  after a job failed; and at once on SIGINT, SIGTERM or SIGHUP.
+- ``serve_job``, the command of a serve job (``virnucpro serve-job``): runs the daemon as its child
+  and ends it when the run is gone (heartbeat), when it outlives a stop, or when it freezes (SIGKILL,
+  which a stopped process cannot ignore); then says what became of it in its exit status: 0 with
+  statistics when it stopped, or when it was lost but other daemons of its model take its work over;
+  1 when it was the model's last daemon (so that snakemake's ``retries:`` start a replacement); 2 when
+  it could not start (a bad model: retrying would not help).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from virnucpro import atomic
+from virnucpro.errors import UserError
+from virnucpro.serving import registry
+from virnucpro.serving.protocol import State
+from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir, read_token
+from virnucpro.serving.stats import read_stats, write_stats
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_EVERY = 2.0  # seconds between two heartbeats of the run
+CHECK_EVERY = 0.5  # seconds between two checks of a serve job
+QUIET_AFTER_ERROR = 10.0  # seconds with nothing but serve jobs running, after a job failed, before the daemons stop
+LEFTOVER_WAIT = 120.0  # seconds to wait at start for the daemons of an earlier run to exit
+KILL_GRACE = 10.0  # seconds past its drain grace that a daemon may take to exit before it is killed
+EXIT_LOST_LAST = 1
+EXIT_CANNOT_START = 2
+
+
+def new_session() -> str:
+    """A fresh ID for a workflow run (its jobs inherit it as ``$VIRNUCPRO_SESSION``)."""
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
+
+
+# --- the main snakemake process --------------------------------------------------------------------
+
+
+class RunWatch:
+    """The workflow run's side of the daemons' lifecycle; ``start`` it in snakemake's ``onstart``."""
+
+    def __init__(self, run: RunDir, session: str, *, idle_timeout: float, keep_going: bool, settings: dict,
+                 daemon_rules: tuple[str, ...] = ("serve_model",)):  # fmt: skip
+        self.run, self.session = run, session
+        self.idle_timeout, self.keep_going = idle_timeout, keep_going
+        self.settings, self.daemon_rules = settings, daemon_rules
+        self.running: set[int] = set()  # IDs of the jobs running now, serve jobs left out
+        self.failed = False
+        self.quiet_since: float | None = None
+        self.stopped = False
+        self.lock = threading.Lock()
+
+    def start(self, logger: logging.Logger) -> None:
+        """Stop the daemons an earlier run left, publish this run's settings and stop-token baseline, then
+        watch: the heartbeat thread, snakemake's job events (through ``logger``) and the signals."""
+        self.run.root.mkdir(parents=True, exist_ok=True)
+        from virnucpro.serving.client import stop_daemons
+
+        stop_daemons(self.run.root)  # a fresh token: every daemon of an earlier run stops
+        wait_for_leftover_daemons(self.run)
+        baseline = (read_token(self.run.stop_file) or b"").decode()
+        self.run.write_settings({**self.settings, "session": self.session, "stop_baseline": baseline})
+        logger.addHandler(_JobEvents(self))
+        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(number, self._on_signal(signal.getsignal(number)))
+        threading.Thread(target=self._beat, name="virnucpro-run-watch", daemon=True).start()
+
+    def job_started(self, jobid: int, rule: str) -> None:
+        if rule not in self.daemon_rules:
+            with self.lock:
+                self.running.add(jobid)
+
+    def job_ended(self, jobid: int, rule: str | None, failed: bool) -> None:
+        with self.lock:
+            self.running.discard(jobid)
+            if failed and rule not in self.daemon_rules:
+                self.failed = True
+
+    def stop_daemons(self, why: str) -> None:
+        if not self.stopped:
+            self.stopped = True
+            log.warning("virnucpro: stopping the model daemons: %s", why)
+        self.run.write_stop_token()
+
+    def _beat(self) -> None:
+        beat = 0
+        while True:
+            try:
+                atomic.write_json(self.run.heartbeat, {"session": self.session, "beat": beat, "time": time.time()})
+            except OSError as error:  # a file system hiccup: try again at the next beat
+                log.warning("could not write the run's heartbeat %s: %s", self.run.heartbeat, error)
+            beat += 1
+            self._check_quiet()
+            time.sleep(HEARTBEAT_EVERY)
+
+    def _check_quiet(self) -> None:
+        with self.lock:
+            busy, failed = bool(self.running), self.failed
+        now = time.monotonic()
+        if busy or self.stopped:
+            self.quiet_since = None
+            return
+        self.quiet_since = self.quiet_since or now
+        limit = QUIET_AFTER_ERROR if failed else self.idle_timeout
+        if limit > 0 and now - self.quiet_since >= limit:
+            self.stop_daemons(f"no other job has run for {limit:.0f} s"
+                              + (" since a job failed" if failed else " (config key idle_timeout)"))  # fmt: skip
+
+    def _on_signal(self, previous):
+        def handler(number, frame):
+            self.stop_daemons(f"snakemake got {signal.Signals(number).name}")
+            if callable(previous):
+                previous(number, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(number, signal.SIG_DFL)
+                os.kill(os.getpid(), number)
+
+        return handler
+
+
+class _JobEvents(logging.Handler):
+    """Feeds snakemake's job events (job_info, job_finished, job_error) to a RunWatch."""
+
+    def __init__(self, watch: RunWatch):
+        super().__init__()
+        self.watch = watch
+        self.rules: dict[int, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = str(getattr(record, "event", ""))
+        if event == "job_info":
+            self.rules[record.jobid] = record.rule_name
+            self.watch.job_started(record.jobid, record.rule_name)
+        elif event == "job_finished":
+            self.watch.job_ended(record.job_id, self.rules.get(record.job_id), failed=False)
+        elif event == "job_error":
+            self.watch.job_ended(record.jobid, getattr(record, "rule_name", None), failed=True)
+
+
+def wait_for_leftover_daemons(run: RunDir, wait: float = LEFTOVER_WAIT) -> None:
+    """Wait (boundedly) until the registered daemons of an earlier run have exited."""
+    deadline = time.monotonic() + wait
+    while True:
+        live = [f"{entry['daemon_id']} (pid {entry.get('pid')} on {entry.get('host')})"
+                for entry in registry.list_entries(run) if entry.get("state") != State.FAILED]  # fmt: skip
+        if not live:
+            return
+        if time.monotonic() > deadline:
+            log.warning("daemon(s) of an earlier run still registered after %.0f s: %s", wait, ", ".join(live))
+            return
+        time.sleep(0.5)
+
+
+def clear_stale_outputs(paths: list[str], locks_dir: Path) -> list[str]:
+    """Remove the serve jobs' outputs that an earlier run left (it failed before collecting them), so that
+    this run starts its daemons; not while another snakemake holds the working directory's lock. Returns
+    the paths removed."""
+    if locks_dir.is_dir() and any(locks_dir.iterdir()):
+        return []
+    removed = []
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
+
+
+# --- a serve job ---------------------------------------------------------------------------------
+
+
+class _Ended(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def serve_job(serve_args: list[str], *, run_dir: Path, daemon_id: str, model: str, stats_output: Path,
+              orphan_timeout: float, freeze_timeout: float, drain_grace: float) -> int:  # fmt: skip
+    """Run ``virnucpro serve SERVE_ARGS`` as a child and watch it and the run (see the module's doc); the
+    exit status for the serve job."""
+    run = RunDir(run_dir)
+    settings = run.read_settings()
+    session = settings.get("session")
+    if session is None:
+        raise UserError(f"serve-job: no running workflow owns {run.root} (no settings for session "
+                        f"${SESSION_VARIABLE}={os.environ.get(SESSION_VARIABLE)}): use 'virnucpro serve' "
+                        "outside a workflow")  # fmt: skip
+    baseline = str(settings.get("stop_baseline", "")).encode()
+    _record_earlier_loss(run, daemon_id, session)
+    if (read_token(run.stop_file) or b"") != baseline:
+        write_stats(stats_output, {"daemon_id": daemon_id, "model": model, "model_loads": 0, "shards": 0,
+                                   "exit_reason": "not started: the run was ending"})  # fmt: skip
+        log.info("serve job %s: the run is ending; not starting the daemon", daemon_id)
+        return 0
+    command = [sys.executable, "-m", "virnucpro", "serve", *serve_args]
+    child = subprocess.Popen(command)
+    watcher = _Watcher(run, child, daemon_id, session, orphan_timeout, freeze_timeout, drain_grace, baseline)
+    previous = {number: signal.signal(number, watcher.on_signal) for number in (signal.SIGTERM, signal.SIGINT,
+                                                                                 signal.SIGHUP)}  # fmt: skip
+    try:
+        code = watcher.watch()
+    except _Ended as ended:
+        print(f"virnucpro serve-job: {ended}", file=sys.stderr)
+        return ended.code
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if code == 0:
+        stats = read_stats(stats_output)
+        write_stats(stats_output, {**stats, "session": session, "events": _events_of(run, session, daemon_id)})
+        return 0
+    if code == EXIT_CANNOT_START:
+        return EXIT_CANNOT_START
+    how = "froze and was killed" if watcher.frozen else f"died ({_describe_exit(code)})"
+    run.record_event(event="frozen" if watcher.frozen else "lost", daemon=daemon_id, model=model,
+                     host=socket.gethostname(), pid=child.pid, session=session, detail=how)  # fmt: skip
+    others = [entry["daemon_id"] for entry in registry.list_entries(run, model)
+              if entry["daemon_id"] != daemon_id and entry.get("state") in (State.LOADING, State.READY)]  # fmt: skip
+    if others:
+        write_stats(stats_output, {"daemon_id": daemon_id, "model": model, "host": socket.gethostname(),
+                                   "model_loads": 0, "shards": 0, "exit_reason": "lost", "session": session,
+                                   "events": _events_of(run, session, daemon_id)})  # fmt: skip
+        print(f"virnucpro serve-job: daemon {daemon_id} {how}; {', '.join(others)} take(s) its work over",
+              file=sys.stderr)  # fmt: skip
+        return 0
+    print(f"virnucpro serve-job: daemon {daemon_id} {how} and no other {model} daemon is running: "
+          "a restart of this serve job (retries) replaces it", file=sys.stderr)  # fmt: skip
+    return EXIT_LOST_LAST
+
+
+class _Watcher:
+    def __init__(self, run: RunDir, child: subprocess.Popen, daemon_id: str, session: str, orphan_timeout: float,
+                 freeze_timeout: float, drain_grace: float, baseline: bytes):  # fmt: skip
+        self.run, self.child, self.daemon_id, self.session = run, child, daemon_id, session
+        self.orphan_timeout, self.freeze_timeout = orphan_timeout, freeze_timeout
+        self.kill_after = drain_grace + KILL_GRACE
+        self.baseline = baseline
+        self.started = time.monotonic()
+        self.stopping_since: float | None = None
+        self.last_beat, self.beat_changed = None, time.monotonic()
+        self.frozen = False
+        self.signalled: int | None = None
+
+    def on_signal(self, number: int, _frame) -> None:
+        self.signalled = number
+        self._terminate()
+
+    def watch(self) -> int:
+        while True:
+            try:
+                return self.child.wait(timeout=CHECK_EVERY)
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if self.signalled is not None or self._stop_token_changed():
+                self.stopping_since = self.stopping_since or now
+                if now - self.stopping_since > self.kill_after:
+                    self._kill()
+                continue
+            gone = self._run_gone(now)
+            if gone:
+                self._terminate()
+                self._wait_or_kill()
+                raise _Ended(1, f"the run that started daemon {self.daemon_id} is gone ({gone}); stopped it")
+            if self._frozen(now):
+                log.error("serve job %s: the daemon (pid %d) has not refreshed its registry entry for %.0f s: "
+                          "killing it", self.daemon_id, self.child.pid, self.freeze_timeout)  # fmt: skip
+                self.frozen = True
+                self._kill()
+
+    def _stop_token_changed(self) -> bool:
+        return (read_token(self.run.stop_file) or b"") != self.baseline
+
+    def _run_gone(self, now: float) -> str | None:
+        try:
+            beat = json.loads(self.run.heartbeat.read_text())
+        except (OSError, ValueError):
+            beat = None
+        if isinstance(beat, dict) and beat.get("session") not in (None, self.session):
+            return f"a later run, {beat.get('session')}, owns the run folder"
+        if beat != self.last_beat:
+            self.last_beat, self.beat_changed = beat, now
+        if now - self.beat_changed > self.orphan_timeout:
+            return f"its heartbeat {self.run.heartbeat} has not changed for {self.orphan_timeout:.0f} s"
+        return None
+
+    def _frozen(self, now: float) -> bool:
+        if self.freeze_timeout <= 0:
+            return False
+        entry = registry.read_entry(self.run, self.daemon_id)
+        if entry is None or entry.get("pid") != self.child.pid:
+            return now - self.started > self.freeze_timeout + 60.0  # never registered: stuck while starting
+        return registry.heartbeat_age(entry) > self.freeze_timeout
+
+    def _terminate(self) -> None:
+        try:
+            os.kill(self.child.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def _kill(self) -> None:
+        try:
+            os.kill(self.child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _wait_or_kill(self) -> None:
+        try:
+            self.child.wait(timeout=self.kill_after)
+        except subprocess.TimeoutExpired:
+            self._kill()
+            self.child.wait()
+
+
+def _record_earlier_loss(run: RunDir, daemon_id: str, session: str) -> None:
+    """An entry of this daemon ID left by an earlier attempt of this run whose process is gone: its serve
+    job was lost with it (e.g. its node died). Record that, and clear the entry."""
+    entry = registry.read_entry(run, daemon_id)
+    if entry is None or entry.get("state") == State.FAILED:
+        return
+    if registry.is_alive(entry) and not registry.is_stale(entry):
+        return
+    run.record_event(event="lost", daemon=daemon_id, model=entry.get("model"), host=entry.get("host"),
+                     pid=entry.get("pid"), session=session, last_heartbeat=entry.get("heartbeat"),
+                     detail="its serve job ended without it stopping (node lost?)")  # fmt: skip
+    registry.remove_entry(run, daemon_id)
+
+
+def _events_of(run: RunDir, session: str, daemon_id: str) -> list[dict]:
+    return [event for event in run.read_events() if event.get("session") == session and event.get("daemon") == daemon_id]
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"

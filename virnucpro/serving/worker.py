@@ -1,0 +1,219 @@
+"""The model thread of a daemon: loads the model once, then embeds one shard at a time.
+
+It knows nothing of sockets: shards come in through ``submit``, and every event (``ready``,
+``load_failed``, ``started``, ``finished``, ``exit``) goes out through the ``post`` callable it was
+given, so it can be driven and tested on its own. What it promises (docs/daemons.md):
+- a shard is computed by one daemon at a time: it holds an exclusive ``flock`` on the shard's request
+  record while it computes, and writes the ``done`` reply there before it lets go;
+- an output that appeared while it computed (another daemon took the shard over) is never overwritten;
+- every outcome of a shard is in the failure manifest as it stands now (``record_embed_failures``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import queue
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from virnucpro.errors import UserError
+from virnucpro.manifest import record_embed_failures
+from virnucpro.serving.protocol import Reply
+from virnucpro.serving.rundir import RunDir, private_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """An accepted shard: where it comes from and goes, and who waits for it."""
+
+    request_id: str
+    input: str
+    output: str
+    sample: str = ""
+    shard: str = ""
+    attempt: int = 1
+    deadline: float = math.inf  # time.monotonic(); dropped (``expired``) if it has not started by then
+    accepted: float = field(default_factory=time.monotonic)
+    requesters: list[bytes] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.shard or self.input
+
+
+class Worker:
+    """Owns the model; ``run`` (in its own thread) loads it, then takes jobs until ``close``."""
+
+    def __init__(self, *, model: str, weights: Path, device: str, precision: str, daemon_id: str, run: RunDir,
+                 cache_clear_every: int, post: Callable[[dict], None]):  # fmt: skip
+        self.model, self.weights, self.device, self.precision = model, Path(weights), device, precision
+        self.daemon_id, self.rundir = daemon_id, run
+        self.cache_clear_every = max(1, cache_clear_every)
+        self.post = post
+        self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.processed = 0
+
+    def submit(self, job: Job) -> None:
+        self.queue.put(job)
+
+    def take_queued(self) -> list[Job]:
+        """Remove and return the jobs not started yet."""
+        jobs = []
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                return jobs
+            if job is not None:
+                jobs.append(job)
+
+    def close(self) -> None:
+        """Let ``run`` return once the job in progress (if any) is done."""
+        self.queue.put(None)
+
+    def run(self) -> None:
+        try:
+            embedder = self._load()
+            if embedder is None:
+                return
+            while (job := self.queue.get()) is not None:
+                self._serve(embedder, job)
+        finally:
+            self.post({"event": "exit"})
+
+    def _load(self):
+        from virnucpro.engines.embed import load_embedder
+
+        started = time.monotonic()
+        try:
+            embedder = load_embedder(self.model, self.weights, device=self.device, precision=self.precision)
+        except Exception as error:
+            if not isinstance(error, UserError):
+                log.exception("daemon %s: loading failed", self.daemon_id)
+            self.post({"event": "load_failed", "message": f"{type(error).__name__}: {error}"})
+            return None
+        self.post({"event": "ready", "load_seconds": round(time.monotonic() - started, 3)})
+        return embedder
+
+    def _serve(self, embedder, job: Job) -> None:
+        event = {"event": "finished", "label": job.label, "computed": False, "cache_clears": 0}
+        reply = {"request_id": job.request_id}
+        if time.monotonic() > job.deadline:
+            self.post({**event, "reply": {**reply, "reply": Reply.EXPIRED.value}})
+            return
+        lock, answer = self._claim(job)
+        if lock is None:
+            self.post({**event, "reply": {**reply, **answer}})
+            return
+        try:
+            self.post({"event": "started", "request_id": job.request_id})
+            self.processed += 1
+            result, clears = self._embed(embedder, job, clear_after=self.processed % self.cache_clear_every == 0)
+            if result["reply"] == Reply.DONE and lock >= 0:
+                os.ftruncate(lock, 0)
+                os.pwrite(lock, json.dumps(result).encode(), 0)
+        finally:
+            if lock >= 0:
+                os.close(lock)  # releases the claim
+        self.post({**event, "computed": True, "cache_clears": clears, "reply": {**reply, **result}})
+
+    def _claim(self, job: Job) -> tuple[int | None, dict | None]:
+        """Lock the request across daemons: the locked descriptor (-1: go on unlocked), or None and the
+        reply to give (done before, by any daemon; or ``busy``: another daemon is on it)."""
+        path = self.rundir.request_record(job.request_id)
+        try:
+            private_dir(path.parent)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            log.warning("daemon %s: cannot lock %s (%s); embedding the shard unlocked", self.daemon_id, path, error)
+            return -1, None
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            if job.attempt > 1:  # its client lost a daemon on it, which may hold the lock, frozen
+                log.warning("daemon %s: shard %s is locked by another daemon, but its client lost a daemon on it: "
+                            "embedding it all the same", self.daemon_id, job.label)  # fmt: skip
+                return -1, None
+            return None, {"reply": Reply.BUSY.value, "retry_after": 1.0,
+                          "message": "another daemon is embedding this shard"}  # fmt: skip
+        record = done_record(path, job.output)
+        if record is not None:
+            os.close(descriptor)
+            return None, {**record, "cached": True}
+        return descriptor, None
+
+    def _embed(self, embedder, job: Job, clear_after: bool) -> tuple[dict, int]:
+        """Embed one shard (retrying once after a CUDA out-of-memory error); the reply and the cache clears."""
+        import torch
+
+        from virnucpro.engines.embed import embed_records
+
+        clears, started = 0, time.monotonic()
+        shard_key = {"sample": job.sample, "stage": f"embed_{self.model}", "shard": job.shard}
+        replace = os.path.lexists(job.output)  # asked to redo an existing file; else never overwrite a newcomer
+        for attempt in (1, 2):
+            try:
+                summary = embed_records(embedder, Path(job.input), Path(job.output), replace=replace)
+            except FileExistsError:
+                log.info("daemon %s: shard %s was written by another daemon meanwhile; keeping that file",
+                         self.daemon_id, job.label)  # fmt: skip
+                return {"reply": Reply.DONE.value, "sequences": 0, "tokens": 0, "failed_sequences": 0,
+                        "seconds": 0.0, "cached": True}, clears  # fmt: skip
+            except Exception as error:
+                if attempt == 1 and isinstance(error, torch.cuda.OutOfMemoryError):
+                    log.warning("daemon %s: out of GPU memory on %s; clearing the cache and retrying", self.daemon_id,
+                                job.input)  # fmt: skip
+                    clears += self._clear_cache()
+                    continue
+                if not isinstance(error, UserError):
+                    log.exception("daemon %s: embedding %s failed", self.daemon_id, job.input)
+                message = str(error).strip() or repr(error)
+                attempts = job.attempt - 1 + attempt
+                self._record(shard_key, shard_error=(type(error).__name__, message, attempts))
+                if clear_after:
+                    clears += self._clear_cache()
+                return {"reply": Reply.FAILED.value, "error_class": type(error).__name__, "message": message,
+                        "attempts": attempts}, clears  # fmt: skip
+            else:
+                break
+        seconds = time.monotonic() - started
+        clears += summary.out_of_memory  # the engine cleared the cache after each out-of-memory error
+        self._record(shard_key, sequence_failures=summary.failed)
+        if clear_after:
+            clears += self._clear_cache()
+        return {"reply": Reply.DONE.value, "sequences": summary.sequences, "tokens": summary.tokens,
+                "failed_sequences": len(summary.failed), "seconds": round(seconds, 6)}, clears  # fmt: skip
+
+    def _record(self, shard_key: dict, **outcome) -> None:
+        try:
+            record_embed_failures(self.rundir.failures, **shard_key, daemon=self.daemon_id, **outcome)
+        except OSError as error:
+            log.error("daemon %s: could not write %s: %s", self.daemon_id, self.rundir.failures, error)
+
+    def _clear_cache(self) -> int:
+        """Give cached GPU memory back (a no-op on the CPU, counted all the same); returns 1."""
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        return 1
+
+
+def done_record(path: Path, output: str) -> dict | None:
+    """The ``done`` reply recorded for a request, if there is one and its output file still exists."""
+    try:
+        record = json.loads(path.read_bytes() or b"null")
+    except (OSError, ValueError):
+        return None
+    if isinstance(record, dict) and record.get("reply") == Reply.DONE and os.path.exists(output):
+        return record
+    return None
