@@ -12,6 +12,7 @@ from virnucpro.errors import UserError
 from virnucpro.fasta import read_fasta
 from virnucpro.manifest import append_failure, read_failures
 from virnucpro.outputs.aggregate import aggregate_sample, chunk_of, read_of
+from virnucpro.outputs.report import summarize_sample, summary_page
 from virnucpro.prep.chunk import chunk_fasta
 from virnucpro.tables import format_row, read_rows
 
@@ -93,6 +94,17 @@ def test_the_published_files_write_ids_as_they_are_with_no_quoting(runs):
     assert any(line.startswith('"a_chunk_1') for line in lines(out / "prediction_results.txt"))
     assert any(line.startswith('c"_chunk_1\t') for line in lines(out / "prediction_results_highestscore.csv"))
     assert any(line.startswith("back\\slash_chunk_1") for line in lines(out / "prediction_results.txt"))
+
+
+def test_the_report_summary_keeps_the_ids_and_escapes_them_in_html(runs):
+    out, ids = runs["odd"]
+    summary = summarize_sample("odd", out / "reads.tsv", out / "prediction_results.txt", out / "failures.tsv")
+    assert summary.reads == len(ids)
+    assert [row["read_id"] for row in summary.preview] == ids
+    assert {row["read_id"] for row in summary.top_reads} <= set(ODD_IDS)
+    page = summary_page(summary)
+    assert "&lt;i&gt;&amp;amp;" in page and "<i>" not in page
+    assert "&quot;a" in page and "back\\slash" in page and "ünï" in page
 
 
 def test_the_reads_index_round_trips_odd_ids(tmp_path):

@@ -16,8 +16,10 @@ from virnucpro.outputs.report import (
     frame_scores,
     read_table,
     sample_plots,
+    summarize_sample,
     verdict_counts,
     viral_fraction,
+    write_summary_page,
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -105,3 +107,62 @@ def test_the_command_needs_a_sample_or_run_statistics(tmp_path, capsys):
     assert "--sample" in capsys.readouterr().err
     assert main(["report-plots", "--output-dir", str(tmp_path), "--sample", "s"]) == 2
     assert "--reads-table" in capsys.readouterr().err
+
+
+# --- the summary page: bounded, whatever the number of reads (issue 10, case 9) ---------------------
+
+
+def synthetic_tables(tmp_path, reads: int):
+    """A sample of ``reads`` reads: read i has best virus score (i % 1000) / 1000 and two frames."""
+    folder = tmp_path / f"sample-{reads}"
+    folder.mkdir()
+    header = READS.split("\n", 1)[0] + "\n"
+    with open(folder / "reads.tsv", "w") as out:
+        out.write(header)
+        for i in range(reads):
+            score = (i % 1000) / 1000
+            verdict = "virus" if score >= 0.5 else "others"
+            out.write(f"read{i}\t500\t1\t2\t2\t{int(score >= 0.5)}\t{score}\t{verdict}\t\n")
+    with open(folder / "p.txt", "w") as out:
+        out.write(PREDICTIONS.split("\n", 1)[0] + "\n")
+        for i in range(reads):
+            score = (i % 1000) / 1000
+            for frame in ("F1", "R2"):
+                out.write(f"read{i}_chunk_1{frame}\t{'virus' if score > 0.5 else 'others'}\t{1 - score}\t{score}\n")
+    (folder / "f.tsv").write_text(FAILURES)
+    return folder / "reads.tsv", folder / "p.txt", folder / "f.tsv"
+
+
+def test_the_summary_counts_verdicts_and_lists_the_top_reads_and_a_preview(tmp_path):
+    summary = summarize_sample("s", *synthetic_tables(tmp_path, 3000), top=5, preview=3)
+    assert (summary.reads, summary.chunks, summary.frames, summary.frames_scored) == (3000, 3000, 6000, 6000)
+    assert summary.verdicts == {"virus": 1500, "others": 1500}
+    assert summary.predicted_frames == 6000 and sum(summary.frame_score_bins) == 6000
+    assert sum(summary.read_score_bins) == 3000 and summary.read_score_bins[0] == 150
+    # the best score 0.999 is held by reads 999, 1999, 2999: ties in input order
+    assert [row["read_id"] for row in summary.top_reads] == ["read999", "read1999", "read2999", "read998", "read1998"]
+    assert [row["read_id"] for row in summary.preview] == ["read0", "read1", "read2"]
+    assert summary.failures == 3 and summary.failure_counts["embed_esm2: OutOfMemoryError"] == 2
+
+
+def test_the_summary_page_does_not_grow_with_the_reads(tmp_path):
+    sizes = []
+    for reads in (500, 20000):
+        summary = summarize_sample("s", *synthetic_tables(tmp_path, reads))
+        path = write_summary_page(summary, tmp_path / f"out-{reads}")
+        page = path.read_text()
+        assert page.count("<tr>") < 250 and f"of {reads} reads" in page
+        sizes.append(path.stat().st_size)
+    assert abs(sizes[1] - sizes[0]) < 2000, sizes
+    assert sizes[1] < 100_000
+
+
+def test_the_command_writes_the_plots_and_the_summary_page(tables, tmp_path):
+    out = tmp_path / "plots"
+    assert main(["-q", "report-plots", "--sample", "s", "--reads-table", str(tables["reads"]), "--predictions",
+                 str(tables["predictions"]), "--failures", str(tables["failures"]), "--output-dir", str(out),
+                 "--top", "2", "--preview", "1"]) == 0  # fmt: skip
+    assert sorted(path.name for path in out.iterdir()) == ["failures.png", "scores.png", "summary.html", "verdicts.png"]
+    page = (out / "summary.html").read_text()
+    assert "Top-scoring reads (2)" in page and "First 1 of 6 reads" in page and "DaemonLost" in page
+    assert all(oct(path.stat().st_mode & 0o777) == "0o644" for path in out.iterdir())

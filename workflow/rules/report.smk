@@ -1,5 +1,7 @@
-# The plots of the Snakemake report (snakemake --report report.html, after a run): per sample, the
+# What the Snakemake report shows (snakemake --report report.html, after a run): per sample, a summary
+# page (counts, verdicts, top-scoring reads, a capped preview of reads.tsv, failures) and plots of the
 # score distribution, the verdicts and the failures; per run, the daemons' throughput and load times.
+# Never the per-read tables themselves: the report's size does not grow with the reads.
 
 
 rule plot_sample:
@@ -28,6 +30,13 @@ rule plot_sample:
             category="Samples",
             subcategory="{sample}",
             labels={"sample": "{sample}", "plot": "failures"},
+        ),
+        report(
+            "results/{sample}/plots/summary.html",
+            caption="../report/summary.rst",
+            category="Samples",
+            subcategory="{sample}",
+            labels={"sample": "{sample}", "plot": "summary"},
         ),
     params:
         output_dir=lambda wildcards, output: os.path.dirname(output[0]),
