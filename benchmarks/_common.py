@@ -24,9 +24,13 @@ _CODONS: dict[str, list[str]] = {}
 
 
 def command_line() -> str:
-    """The command that runs this process again, as the user would type it from the repository root."""
-    script = os.path.relpath(sys.argv[0], REPO) if os.path.isabs(sys.argv[0]) else sys.argv[0]
+    """The command that runs this process again, as the user would type it from the repository root
+    (``python -m benchmarks.NAME ...``)."""
     python = os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is not None and spec.name:
+        return shlex.join([python, "-m", spec.name, *sys.argv[1:]])
+    script = os.path.relpath(sys.argv[0], REPO) if os.path.isabs(sys.argv[0]) else sys.argv[0]
     return shlex.join([python, script, *sys.argv[1:]])
 
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark: the workflow with model daemons against the workflow in in-process mode, and the
 per-shard overhead of a warm daemon.
 
@@ -19,7 +18,7 @@ per-shard overhead of a warm daemon.
    Then a few whole client processes (``virnucpro embed --run-dir``, what each workflow job runs)
    against in-process ones (``virnucpro embed --weights``, which load the model) on the same shard.
 
-    .venv/bin/python benchmarks/daemons.py [--dir /tmp/virnucpro-bench-daemons] [--shards 20,40] [--cores 4]
+    .venv/bin/python -m benchmarks.daemons [--dir /tmp/virnucpro-bench-daemons] [--shards 20,40] [--cores 4]
 """
 
 from __future__ import annotations
@@ -36,9 +35,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common  # noqa: E402
+from benchmarks import _common
 
 SAMPLE = "bench"
 

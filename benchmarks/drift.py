@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Drift of bf16 and fp16 against fp32, per model, on the CPU (the measurement of docs/models.md, "Precision").
 
 Models: the small random-weight test models (``make_test_models(seed=0)``: ESM-2 2 layers x 64, DNABERT-S
@@ -6,7 +5,7 @@ Models: the small random-weight test models (``make_test_models(seed=0)``: ESM-2
 ``tests/data/demo_reads.fa`` at length 500 (as docs/models.md), and ``--long`` generated proteins of 300 to
 1000 residues (where fair-esm's bf16 rotary tables round the positions above 256).
 
-    .venv/bin/python benchmarks/drift.py [--esm PATH] [--long 16]
+    .venv/bin/python -m benchmarks.drift [--esm PATH] [--long 16]
 """
 
 from __future__ import annotations
@@ -17,9 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common  # noqa: E402
+from benchmarks import _common
 
 
 def main() -> None:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark: the GPU path, all figures in one run (prepared for one short call on an H200).
 
 Without a CUDA GPU it prints "no GPU" and exits 0, unless ``--tiny``: then the same code runs on the
@@ -21,8 +20,8 @@ CPU with small shapes (to check the script, not to measure anything).
    bf16, on the GPU), the shard sent to both at once with the client; request-to-reply seconds, the
    daemons' own tokens/s and load seconds.
 
-    .venv/bin/python benchmarks/gpu.py [--dir /tmp/virnucpro-gpu] [--json results.json]
-    .venv/bin/python benchmarks/gpu.py --tiny          # the same code on the CPU, small shapes
+    .venv/bin/python -m benchmarks.gpu [--dir /tmp/virnucpro-gpu] [--json results.json]
+    .venv/bin/python -m benchmarks.gpu --tiny          # the same code on the CPU, small shapes
 """
 
 from __future__ import annotations
@@ -36,9 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common  # noqa: E402
+from benchmarks import _common
 
 REAL = {"esm": (36, 2560, 40), "dnabert": (12, 768, 12, 3072), "frames": 10000, "engine_frames": 2000,
         "fp32_frames": 500, "one_at_a_time": 500, "budgets": (2048, 8192, 16384, 32768)}  # fmt: skip

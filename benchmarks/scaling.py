@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark: embedding throughput with 1, 2 and 4 ESM-2 daemons on this machine's CPU.
 
 For each daemon count N: start N ``virnucpro serve`` daemons of the same model (a random-weight ESM-2
@@ -9,7 +8,7 @@ least-loaded daemon), and time from the first request to the last reply. Through
 time. Each daemon runs torch with its default thread count unless ``--threads-per-daemon`` is given
 (OMP_NUM_THREADS and MKL_NUM_THREADS for its process).
 
-    .venv/bin/python benchmarks/scaling.py [--daemons 1,2,4] [--shards 8] [--frames-per-shard 4]
+    .venv/bin/python -m benchmarks.scaling [--daemons 1,2,4] [--shards 8] [--frames-per-shard 4]
 """
 
 from __future__ import annotations
@@ -21,9 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common  # noqa: E402
+from benchmarks import _common
 
 
 def run(directory: Path, weights: Path, daemons: int, shards: list[Path], threads: int | None) -> dict:

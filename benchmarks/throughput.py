@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Benchmark: embedding throughput of ours against the published extraction method, same model, same data.
 
 ESM-2 (random weights, esm2_t30_150M shapes by default: 30 layers, 640 wide, 20 heads):
@@ -20,7 +19,7 @@ FLOPs (see benchmarks/_common.py): 2 x (matrix parameters) x tokens + the attent
 counted; the machine's rate is the best of timed 2048x2048 fp32 matrix products, measured here before
 and after each model (the median shows how much of the machine other processes left).
 
-    .venv/bin/python benchmarks/throughput.py [--dir /tmp/virnucpro-bench] [--esm-frames 16] [--dnabert-frames 24] [--repeats 5]
+    .venv/bin/python -m benchmarks.throughput [--dir /tmp/virnucpro-bench] [--esm-frames 16] [--dnabert-frames 24] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -32,9 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _common  # noqa: E402
+from benchmarks import _common
 
 
 def esm_published(checkpoint: Path, proteins: list[str]):
