@@ -146,3 +146,36 @@ def test_predict_gives_byte_identical_outputs_from_fastq_fastq_gz_and_fasta(tmp_
     assert results["demo.fq"] == results[DEMO_READS.name]
     assert results["demo.fastq.gz"] == results[DEMO_READS.name]
     assert results[DEMO_READS.name]["reads.tsv"].count(b"\n") == 1 + len(fasta_records())
+
+
+@pytest.mark.slow
+def test_the_workflow_gives_the_same_outputs_for_fastq_gz_and_fasta(tmp_path, test_models):
+    """A real (in-process) workflow run of two samples: the same four reads as FASTA and as FASTQ.gz."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    bin_dir = Path(sys.executable).parent
+    reads = tmp_path / "four.fa"
+    reads.write_text("".join(f">{r.description}\n{r.sequence}\n" for r in list(read_fasta(DEMO_READS))[:4]))
+    write(tmp_path / "four.fq.gz", gzip.compress(fastq_text(reads, 60).encode()))
+    config = {
+        "samples": {"fa": str(reads), "fq": str(tmp_path / "four.fq.gz")},
+        "length": 500,
+        "models": {"esm2": str(test_models["esm2"]), "dnabert_s": str(test_models["dnabert_s"]),
+                   "classifier": str(test_models["classifier_500"])},  # fmt: skip
+        "embedding_mode": "in_process",
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    environment = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    result = subprocess.run([str(bin_dir / "snakemake"), "--snakefile", str(repo / "workflow" / "Snakefile"),
+                             "--directory", str(tmp_path), "--cores", "2", "--configfile", str(tmp_path / "config.yaml")],
+                            cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-5000:]
+    for name in OUTPUTS:
+        assert (tmp_path / "results" / "fq" / name).read_bytes() == (tmp_path / "results" / "fa" / name).read_bytes()
+    assert (tmp_path / "results" / "fq" / "reads.tsv").read_text().count("\n") == 5
