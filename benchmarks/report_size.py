@@ -96,7 +96,9 @@ def write_sample(workdir: Path, reads: int, seed: int = 0) -> dict[str, int]:
                 virus_reads += is_virus
                 chunks_virus.append((f"{read_id}_chunk_1", is_virus))
                 verdict = "virus" if is_virus else "others"
-                reads_out.write(f"{read_id}\t500\t1\t{frames}\t{frames}\t{int(is_virus)}\t{best_virus:.8g}\t{verdict}\t\n")
+                reads_out.write(
+                    f"{read_id}\t500\t1\t{frames}\t{frames}\t{int(is_virus)}\t{best_virus:.8g}\t{verdict}\t\n"
+                )
             else:
                 reads_out.write(f"{read_id}\t500\t1\t0\t0\t0\t\tunclassified\tno stop-free frame\n")
     with open(sample / "prediction_results_highestscore.csv", "w") as out:
@@ -129,7 +131,9 @@ def run(command: list[str], cwd: Path) -> tuple[float, float, str]:
     """Run ``command``; (wall seconds, the peak RSS of the children so far in MB, its output). Exits on failure."""
     environment = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     output, _ = process.communicate()
     seconds = time.perf_counter() - started
     if process.returncode != 0:

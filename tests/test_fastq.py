@@ -78,13 +78,19 @@ def test_a_fastq_record_with_an_empty_sequence_is_an_empty_read(tmp_path):
 
 TRUNCATED = {
     "ends after the header": ("@r1 x\n", ["line 1", "record 1 ('r1')", "'+' line", "truncated"]),
-    "ends in the sequence": ("@r1\nACGT\n+\nIIII\n@r2\nAC\n+\nII\n@r3\nACGT\n", ["record 3 ('r3'), line 10", "'+' line"]),
+    "ends in the sequence": (
+        "@r1\nACGT\n+\nIIII\n@r2\nAC\n+\nII\n@r3\nACGT\n",
+        ["record 3 ('r3'), line 10", "'+' line"],
+    ),
     "ends in the quality": ("@r1\nACGTAC\n+\nIII\nII\n", ["line 5", "5 of the 6 quality letters", "truncated"]),
     "ends right after the '+' line": ("@r1\nACGT\n+\n", ["line 3", "0 of the 4 quality letters"]),
     "a header before the '+' line": ("@r1\nACGT\n@r2\nACGT\n+\nIIII\n", ["line 3", "record 1 ('r1')", "'@' header"]),
     "quality longer than the sequence": ("@r1\nACGT\n+\nIIIII\n", ["line 4", "5 quality letters for 4"]),
     "quality missing, next record taken as quality": ("@r1\nACGT\n+\n@r2\nACGT\n+\nIIII\n", ["line 5", "7 quality"]),
-    "text where a header should be": ("@r1\nAC\n+\nII\nACGT\n", ["line 5", "expected an '@' header line after record 1"]),
+    "text where a header should be": (
+        "@r1\nAC\n+\nII\nACGT\n",
+        ["line 5", "expected an '@' header line after record 1"],
+    ),
     "a '+' line naming another read": ("@r1\nAC\n+r2\nII\n", ["line 3", "'+' line names 'r2'"]),
     "a header without an ID": ("@r1\nAC\n+\nII\n@ \nAC\n+\nII\n", ["record 2", "line 5", "no read ID"]),
 }
@@ -165,8 +171,11 @@ def test_the_workflow_gives_the_same_outputs_for_fastq_gz_and_fasta(tmp_path, te
     config = {
         "samples": {"fa": str(reads), "fq": str(tmp_path / "four.fq.gz")},
         "length": 500,
-        "models": {"esm2": str(test_models["esm2"]), "dnabert_s": str(test_models["dnabert_s"]),
-                   "classifier": str(test_models["classifier_500"])},  # fmt: skip
+        "models": {
+            "esm2": str(test_models["esm2"]),
+            "dnabert_s": str(test_models["dnabert_s"]),
+            "classifier": str(test_models["classifier_500"]),
+        },
         "embedding_mode": "in_process",
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))

@@ -24,8 +24,11 @@ def dry_run(workdir: Path, models: dict[str, Path], samples: dict[str, str], **k
     config = {
         "samples": samples,
         "length": 500,
-        "models": {"esm2": str(models["esm2"]), "dnabert_s": str(models["dnabert_s"]),
-                   "classifier": str(models["classifier_500"])},  # fmt: skip
+        "models": {
+            "esm2": str(models["esm2"]),
+            "dnabert_s": str(models["dnabert_s"]),
+            "classifier": str(models["classifier_500"]),
+        },
         **keys,
     }
     workdir.mkdir(parents=True, exist_ok=True)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import gzip
 import itertools
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, TextIO
+from typing import BinaryIO, TextIO
 
 from virnucpro.errors import UserError
 
@@ -39,8 +40,9 @@ def _open_bytes(path: Path) -> BinaryIO:
         compressed = is_gzip(path)
         return gzip.open(path, "rb") if compressed else open(path, "rb")
     except OSError as exc:
-        raise UserError(f"{path}: cannot read the file ({exc.strerror or exc}). "
-                        "Check the path and its permissions.") from exc
+        raise UserError(
+            f"{path}: cannot read the file ({exc.strerror or exc}). Check the path and its permissions."
+        ) from exc
 
 
 class _Where:
@@ -69,17 +71,23 @@ def _text_lines(path: Path, where: _Where, kind: str) -> Iterator[tuple[int, str
             except StopIteration:
                 return
             except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-                raise UserError(f"{where(line_no + 1)}: the gzip data is truncated or corrupt ({exc}). "
-                                "Re-create or re-download the file.") from exc
+                raise UserError(
+                    f"{where(line_no + 1)}: the gzip data is truncated or corrupt ({exc}). "
+                    "Re-create or re-download the file."
+                ) from exc
             line_no += 1
             if b"\0" in raw:
-                raise UserError(f"{where(line_no)}: binary data (NUL byte), not {kind} text. "
-                                f"Give a plain or gzip-compressed {kind} file.")
+                raise UserError(
+                    f"{where(line_no)}: binary data (NUL byte), not {kind} text. "
+                    f"Give a plain or gzip-compressed {kind} file."
+                )
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise UserError(f"{where(line_no)}: binary data (not UTF-8 text), not {kind}. "
-                                f"Give a plain or gzip-compressed {kind} file.") from exc
+                raise UserError(
+                    f"{where(line_no)}: binary data (not UTF-8 text), not {kind}. "
+                    f"Give a plain or gzip-compressed {kind} file."
+                ) from exc
             if line_no == 1 and text.startswith(_BOM):
                 text = text[1:]
             yield line_no, text
@@ -90,8 +98,10 @@ def _header(text: str, path: Path, number: int, line_no: int, marker: str) -> tu
     description = text[1:].strip()
     words = description.split(None, 1)
     if not words:
-        raise UserError(f"{path}: record {number}, line {line_no}: the header has no read ID. "
-                        f"Put an ID right after '{marker}' on every header line.")
+        raise UserError(
+            f"{path}: record {number}, line {line_no}: the header has no read ID. "
+            f"Put an ID right after '{marker}' on every header line."
+        )
     return words[0], description
 
 
@@ -150,8 +160,10 @@ def _parse_fasta(path: Path, lines: Iterator[tuple[int, str]], where: _Where, ki
             continue
         if not number:
             hint = " (or, for FASTQ, an '@' header line)" if "FASTQ" in kind else ""
-            raise UserError(f"{where(line_no)}: text before the first '>' header. A FASTA file must start "
-                            f"with a '>' header line{hint}; check that this is a {kind} file.")
+            raise UserError(
+                f"{where(line_no)}: text before the first '>' header. A FASTA file must start "
+                f"with a '>' header line{hint}; check that this is a {kind} file."
+            )
         parts.append(sequence)
     if number:
         yield FastaRecord(record_id, description, "".join(parts), number)
@@ -166,9 +178,11 @@ def _parse_fastq(path: Path, lines: Iterator[tuple[int, str]], where: _Where) ->
             continue
         if not text.startswith("@"):
             after = f" after record {number} ('{where.record_id}')" if number else ""
-            raise UserError(f"{path}: line {line_no}: expected an '@' header line{after}, found other text. "
-                            "A FASTQ record is an '@' header, sequence lines, a '+' line and as many "
-                            "quality letters as sequence letters; check that the file is complete FASTQ.")
+            raise UserError(
+                f"{path}: line {line_no}: expected an '@' header line{after}, found other text. "
+                "A FASTQ record is an '@' header, sequence lines, a '+' line and as many "
+                "quality letters as sequence letters; check that the file is complete FASTQ."
+            )
         number += 1
         record_id, description = _header(text, path, number, line_no, "@")
         where.number, where.record_id = number, record_id
@@ -177,29 +191,39 @@ def _parse_fastq(path: Path, lines: Iterator[tuple[int, str]], where: _Where) ->
             if text.startswith("+"):
                 break
             if text.startswith("@"):
-                raise UserError(f"{where(line_no)}: an '@' header before the record's '+' line: the record "
-                                "is truncated. Re-create or re-download the file.")
+                raise UserError(
+                    f"{where(line_no)}: an '@' header before the record's '+' line: the record "
+                    "is truncated. Re-create or re-download the file."
+                )
             parts.append("".join(text.split()))
         else:
-            raise UserError(f"{where(line_no)}: the file ends before the record's '+' line: the record is "
-                            "truncated. Re-create or re-download the file.")
+            raise UserError(
+                f"{where(line_no)}: the file ends before the record's '+' line: the record is "
+                "truncated. Re-create or re-download the file."
+            )
         repeated = text[1:].strip()
         if repeated and repeated != description:
-            raise UserError(f"{where(line_no)}: the '+' line names '{repeated}', not the record's header "
-                            f"'{description}'. Check that the file is intact FASTQ.")
+            raise UserError(
+                f"{where(line_no)}: the '+' line names '{repeated}', not the record's header "
+                f"'{description}'. Check that the file is intact FASTQ."
+            )
         sequence = "".join(parts)
         quality = 0
         while quality < len(sequence):
             try:
                 line_no, text = next(lines)
             except StopIteration:
-                raise UserError(f"{where(line_no)}: the file ends after {quality} of the {len(sequence)} "
-                                "quality letters: the record is truncated. Re-create or re-download the "
-                                "file.") from None
+                raise UserError(
+                    f"{where(line_no)}: the file ends after {quality} of the {len(sequence)} "
+                    "quality letters: the record is truncated. Re-create or re-download the "
+                    "file."
+                ) from None
             quality += len("".join(text.split()))
         if quality > len(sequence):
-            raise UserError(f"{where(line_no)}: {quality} quality letters for {len(sequence)} sequence "
-                            "letters. Check that the file is intact FASTQ.")
+            raise UserError(
+                f"{where(line_no)}: {quality} quality letters for {len(sequence)} sequence "
+                "letters. Check that the file is intact FASTQ."
+            )
         yield FastaRecord(record_id, description, sequence, number)
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from virnucpro.atomic import atomic_output
+from virnucpro.classify.predictions import PREDICTION_HEADER
 from virnucpro.errors import UserError
 from virnucpro.fasta import read_fasta
-from virnucpro.classify.predictions import PREDICTION_HEADER
 from virnucpro.prep.chunk import READS_TABLE_COLUMNS
 from virnucpro.tables import format_row, read_rows, split_row
 
@@ -100,7 +100,9 @@ def aggregate_sample(
         for read_id, (length, chunk_count, skip_reason) in reads.items():
             tally = tallies[read_id]
             scores = read_chunks.get(read_id, [])
-            verdict, reason = _verdict(skip_reason, chunk_count, tally, scores, read_id in failed_reads or failed_shards)
+            verdict, reason = _verdict(
+                skip_reason, chunk_count, tally, scores, read_id in failed_reads or failed_shards
+            )
             best = max((chunk.best_virus for chunk in scores), default=None)
             row = (
                 read_id,
@@ -118,7 +120,9 @@ def aggregate_sample(
     _write_failures(output_dir / "failures.tsv", failures)
 
 
-def _verdict(skip_reason: str, chunks: int, tally: _ReadTally, scores: list[_ChunkScores], failed: bool) -> tuple[str, str]:
+def _verdict(
+    skip_reason: str, chunks: int, tally: _ReadTally, scores: list[_ChunkScores], failed: bool
+) -> tuple[str, str]:
     if skip_reason:
         return "unclassified", skip_reason
     if tally.frames == 0:

@@ -271,7 +271,10 @@ def summary_page(summary: SampleSummary) -> str:
         ("input reads", summary.reads),
         ("reads with the verdict virus", summary.verdicts.get("virus", 0)),
         ("reads with the verdict others", summary.verdicts.get("others", 0)),
-        ("reads without a verdict", summary.reads - summary.verdicts.get("virus", 0) - summary.verdicts.get("others", 0)),
+        (
+            "reads without a verdict",
+            summary.reads - summary.verdicts.get("virus", 0) - summary.verdicts.get("others", 0),
+        ),
         ("viral fraction (virus reads / input reads)", f"{100 * summary.viral_fraction:.2f} %"),
         ("chunks", summary.chunks),
         ("viral chunks", summary.virus_chunks),
@@ -301,8 +304,11 @@ def summary_page(summary: SampleSummary) -> str:
         _table(("verdict", "reads", "share"), verdicts, numeric=(1, 2)),
         f"<h2>Top-scoring reads ({len(summary.top_reads)})</h2>",
         f'<p class="note">The reads with the highest best virus score (at most {summary.top_limit}; ties in input order).</p>',
-        _table(["rank", *top_columns], [(rank, *(row[c] for c in top_columns)) for rank, row in
-                                         enumerate(summary.top_reads, start=1)], numeric=(0, 2, 3, 4, 5)),  # fmt: skip
+        _table(
+            ["rank", *top_columns],
+            [(rank, *(row[c] for c in top_columns)) for rank, row in enumerate(summary.top_reads, start=1)],
+            numeric=(0, 2, 3, 4, 5),
+        ),
         f"<h2>First {len(summary.preview)} of {summary.reads} reads</h2>",
         '<p class="note">The first rows of <code>reads.tsv</code>, in input order.</p>',
         _table(summary.read_columns, [[row[c] for c in summary.read_columns] for row in summary.preview]),

@@ -63,16 +63,19 @@ def skip_reason(sequence: str) -> str:
     return f"invalid sequence: character '{shown}' at position {bad.start() + 1}"
 
 
-def chunk_fasta(input_path: Path, expected_length: int, output_path: Path,
-                reads_table: Path | None = None) -> ChunkSummary:
+def chunk_fasta(
+    input_path: Path, expected_length: int, output_path: Path, reads_table: Path | None = None
+) -> ChunkSummary:
     """Write the chunks `{read_id}_chunk_{k}` of every valid read, and optionally a per-read table.
 
     Empty reads and reads with non-IUPAC letters are skipped with a reason in the table;
     duplicate read IDs and unreadable input raise UserError and leave no output.
     """
     if expected_length not in EXPECTED_LENGTHS:
-        raise UserError(f"expected length {expected_length} is not supported. Use 300 or 500, "
-                        "the lengths of the published classifiers.")
+        raise UserError(
+            f"expected length {expected_length} is not supported. Use 300 or 500, "
+            "the lengths of the published classifiers."
+        )
     input_path = Path(input_path)
     first_seen: dict[str, int] = {}
     reads = chunks = skipped = 0
@@ -84,9 +87,11 @@ def chunk_fasta(input_path: Path, expected_length: int, output_path: Path,
         for record in read_reads(input_path):
             earlier = first_seen.setdefault(record.id, record.number)
             if earlier != record.number:
-                raise UserError(f"{input_path}: record {record.number} ('{record.id}'): duplicate "
-                                f"read ID, also used by record {earlier}. Give every read a "
-                                "unique ID.")
+                raise UserError(
+                    f"{input_path}: record {record.number} ('{record.id}'): duplicate "
+                    f"read ID, also used by record {earlier}. Give every read a "
+                    "unique ID."
+                )
             reads += 1
             reason = skip_reason(record.sequence)
             count = 0
@@ -94,8 +99,7 @@ def chunk_fasta(input_path: Path, expected_length: int, output_path: Path,
                 skipped += 1
             else:
                 sequence = record.sequence
-                for count, (start, end) in enumerate(
-                        chunk_bounds(len(sequence), expected_length), start=1):
+                for count, (start, end) in enumerate(chunk_bounds(len(sequence), expected_length), start=1):
                     write_fasta_record(out, f"{record.id}_chunk_{count}", sequence[start:end])
                 chunks += count
             if table:

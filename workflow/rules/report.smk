@@ -38,12 +38,12 @@ rule plot_sample:
             subcategory="{sample}",
             labels={"sample": "{sample}", "plot": "summary"},
         ),
-    params:
-        output_dir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         "logs/report/{sample}.log",
     conda:
         "../../envs/virnucpro.yaml"
+    params:
+        output_dir=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
         "virnucpro report-plots --sample {wildcards.sample} --reads-table {input.reads:q}"
         " --predictions {input.predictions:q} --failures {input.failures:q}"
@@ -60,11 +60,11 @@ rule plot_daemons:
             category="Run statistics",
             labels={"plot": "model daemons"},
         ),
-    params:
-        output_dir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         "logs/report/daemons.log",
     conda:
         "../../envs/virnucpro.yaml"
+    params:
+        output_dir=lambda wildcards, output: os.path.dirname(output[0]),
     shell:
         "virnucpro report-plots --run-stats {input:q} --output-dir {params.output_dir:q} 2> {log:q}"
