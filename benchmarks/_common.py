@@ -51,14 +51,18 @@ def load_average() -> str:
     return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
 
 
-def matmul_rate(size: int = 2048, seconds: float = 3.0, device: str = "cpu", dtype: str = "fp32") -> tuple[float, float]:
+def matmul_rate(
+    size: int = 2048, seconds: float = 3.0, device: str = "cpu", dtype: str = "fp32"
+) -> tuple[float, float]:
     """This machine's rate of ``size``x``size`` matrix products in GFLOP/s: (best, median) of timed products.
 
     The best is what the machine can do; on a shared machine the median shows what others left us.
     """
     import torch
 
-    dtype_ = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    from virnucpro.engines.embed import torch_dtype
+
+    dtype_ = torch_dtype(dtype)
     a = torch.randn(size, size, device=device, dtype=dtype_)
     b = torch.randn(size, size, device=device, dtype=dtype_)
     for _ in range(3):
@@ -192,7 +196,9 @@ def dnabert_snapshot(directory: Path, layers: int, hidden: int, heads: int, inte
 
     path = directory / f"DNABERT-S_{layers}_{hidden}_{heads}_{intermediate}"
     if not (path / "model.safetensors").is_file():
-        write_random_snapshot(path, hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=intermediate)
+        write_random_snapshot(
+            path, hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=intermediate
+        )
     return path
 
 

@@ -158,7 +158,9 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/virnucpro-bench-daemons"), help="work folder")
     parser.add_argument("--models", type=Path, default=Path("/tmp/virnucpro-bench"), help="models (made once)")
     parser.add_argument("--reads", type=int, default=40, help="generated 500-nt reads (each has a stop-free frame)")
-    parser.add_argument("--shards", default="20,40", help="shard counts to run at, comma-separated (empty: only the overhead)")
+    parser.add_argument(
+        "--shards", default="20,40", help="shard counts to run at, comma-separated (empty: only the overhead)"
+    )
     parser.add_argument("--cores", type=int, default=4, help="snakemake --cores, the same for both modes")
     parser.add_argument("--overhead-shards", type=int, default=50, help="one-sequence shards sent to each warm daemon")
     args = parser.parse_args()
@@ -206,7 +208,9 @@ def main() -> None:
                   f"{shown:>19}  {r['detail']}")  # fmt: skip
         print(f"{'':>6} {'':>4} outputs of the two modes identical: {'yes' if identical else 'NO'}")
     for o in overheads:
-        print(f"\nwarm {o['model']} daemon ({o['weights']}, CPU): load {o['load']:.1f} s (ready after {o['ready']:.1f} s)")
+        print(
+            f"\nwarm {o['model']} daemon ({o['weights']}, CPU): load {o['load']:.1f} s (ready after {o['ready']:.1f} s)"
+        )
         print(f"{o['shards']} one-sequence shards, one after the other: round trips {o['round_trip_total']:.2f} s in "
               f"all (median {o['median_ms']:.0f} ms, 90th percentile {o['p90_ms']:.0f} ms), daemon-reported compute "
               f"{o['compute_total']:.2f} s -> overhead {o['overhead_ms']:.1f} ms per shard")  # fmt: skip
@@ -214,6 +218,7 @@ def main() -> None:
               f"{' / '.join(f'{s:.2f}' for s in o['client_processes'])} s; in-process job (virnucpro embed "
               f"--weights, loads the model): {' / '.join(f'{s:.2f}' for s in o['in_process'])} s")  # fmt: skip
     print(f"\nthis benchmark took {time.perf_counter() - begun:.0f} s")
+
 
 if __name__ == "__main__":
     main()

@@ -33,6 +33,7 @@ import shutil
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from benchmarks import _common
@@ -72,8 +73,8 @@ def free(device: str) -> None:
 
 def esm_section(checkpoint: Path, proteins: list[str], shape, plan: dict, device: str, peak: float,
                 rate: float, compile_model: bool) -> dict:  # fmt: skip
-    import torch
 
+    from virnucpro.engines.embed import torch_dtype
     from virnucpro.engines.esm2 import GPU_TOKS_PER_BATCH, load_esm2
 
     layers, width, _ = shape
@@ -85,12 +86,13 @@ def esm_section(checkpoint: Path, proteins: list[str], shape, plan: dict, device
     chosen = proteins[: plan["engine_frames"]]
     small = proteins[: plan["fp32_frames"]]
     vectors_small = {}
-    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        embedder, load_s = timed(lambda: load_esm2(checkpoint, device=device, dtype=dtype), device)
+    for precision in ("bf16", "fp16"):
+        dtype = torch_dtype(precision)
+        embedder, load_s = timed(partial(load_esm2, checkpoint, device=device, dtype=dtype), device)
         embedder.embed(chosen[:64])  # warm-up
         for budget in plan["budgets"]:
             embedder.toks_per_batch = budget
-            _, seconds = timed(lambda: embedder.embed(chosen), device)
+            _, seconds = timed(partial(embedder.embed, chosen), device)
             tokens = sum(len(p) + 2 for p in chosen)
             tflops = flops_of(chosen) / seconds / 1e12
             out["throughput"].append({"model": "esm2", "method": "ours", "precision": precision, "budget": budget,
@@ -102,8 +104,8 @@ def esm_section(checkpoint: Path, proteins: list[str], shape, plan: dict, device
         vectors_small[precision] = embedder.embed(small).vectors
         if compile_model and precision == "bf16":
             compiled = load_esm2(checkpoint, device=device, dtype=dtype, compile_model=True)
-            _, warm_s = timed(lambda: compiled.embed(chosen[:64]), device)
-            _, seconds = timed(lambda: compiled.embed(chosen), device)
+            _, warm_s = timed(partial(compiled.embed, chosen[:64]), device)
+            _, seconds = timed(partial(compiled.embed, chosen), device)
             tokens = sum(len(p) + 2 for p in chosen)
             out["throughput"].append({"model": "esm2", "method": "ours, torch.compile", "precision": precision,
                                       "budget": compiled.toks_per_batch, "sequences": len(chosen), "tokens": tokens,
@@ -116,8 +118,8 @@ def esm_section(checkpoint: Path, proteins: list[str], shape, plan: dict, device
     # fp32: the published approach (fair-esm's forward and batching, host-side means) against ours
     fair = load_esm2(checkpoint, device=device, attention="fair-esm", toks_per_batch=2048)
     published_loop(fair.model, fair.alphabet, small[:16], device)  # warm-up
-    published_vectors, published_s = timed(lambda: published_loop(fair.model, fair.alphabet, small, device), device)
-    del fair
+    published_vectors, published_s = timed(partial(published_loop, fair.model, fair.alphabet, small, device), device)
+    fair = None  # free it before loading ours
     free(device)
     ours = load_esm2(checkpoint, device=device, toks_per_batch=2048)
     ours.embed(small[:16])
@@ -134,7 +136,7 @@ def esm_section(checkpoint: Path, proteins: list[str], shape, plan: dict, device
     out["drift"]["ours fp32 vs published fp32"] = drift(ours_vectors, published_vectors)
     for precision, vectors in vectors_small.items():
         out["drift"][f"{precision} vs fp32"] = drift(vectors, ours_vectors)
-    del ours
+    ours = None
     free(device)
     return out
 
@@ -144,16 +146,18 @@ def published_loop(model, alphabet, sequences: list[str], device: str):
     import torch
     from esm.data import FastaBatchedDataset
 
+    from virnucpro.engines.esm2 import MEAN_POSITIONS, TOKS_PER_BATCH
+
     converter = alphabet.get_batch_converter()
     dataset = FastaBatchedDataset([str(i) for i in range(len(sequences))], sequences)
     vectors = torch.empty(len(sequences), model.embed_dim)
     with torch.no_grad():
-        for batch in dataset.get_batch_indices(2048, extra_toks_per_seq=1):
+        for batch in dataset.get_batch_indices(TOKS_PER_BATCH, extra_toks_per_seq=1):
             labels, strs, toks = converter([dataset[i] for i in batch])
             layer = model.num_layers
             representations = model(toks.to(device), repr_layers=[layer])["representations"][layer].to("cpu")
             for row, (label, sequence) in enumerate(zip(labels, strs)):
-                vectors[int(label)] = representations[row, 1 : min(1024, len(sequence)) + 1].mean(0)
+                vectors[int(label)] = representations[row, 1 : min(MEAN_POSITIONS, len(sequence)) + 1].mean(0)
     return vectors
 
 
@@ -201,7 +205,7 @@ def dnabert_section(snapshot: Path, slices: list[str], shape, plan: dict, device
                                   "x_published": tokens / seconds / published_rate})  # fmt: skip
     out["drift"]["batched fp32 vs one at a time fp32"] = drift(batched_fp32, alone_vectors)
     out["drift"]["bf16 vs fp32"] = drift(low_vectors, fp32_vectors)
-    del reference, low
+    reference = low = None
     free(device)
     return out
 
@@ -277,7 +281,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path("/tmp/virnucpro-gpu"), help="checkpoint, data, daemons")
     parser.add_argument("--tiny", action="store_true", help="run the same code on the CPU with small shapes")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the card's dense bf16 peak (H100/H200 SXM: 989)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="the card's dense bf16 peak (H100/H200 SXM: 989)"
+    )
     parser.add_argument("--compile", action="store_true", help="also time ESM-2 bf16 under torch.compile")
     parser.add_argument("--json", type=Path, help="also write the figures here (default: $OUT/gpu.json if $OUT is set)")
     args = parser.parse_args()
@@ -298,10 +304,13 @@ def main() -> int:
     args.dir.mkdir(parents=True, exist_ok=True)
 
     layers, width, heads = plan["esm"]
-    name = "esm2_t36_3B_UR50D.pt" if plan["esm"] == (36, 2560, 40) else f"esm2_t{layers}_{width}_gpu.pt"
+    from virnucpro.engines.download import MODEL_PATHS
+
+    name = MODEL_PATHS["esm2"] if plan["esm"] == (36, 2560, 40) else f"esm2_t{layers}_{width}_gpu.pt"
     checkpoint = args.dir / name
     _, results["checkpoint_write_s"] = timed(
-        lambda: checkpoint.is_file() or _common.write_large_esm2(checkpoint, layers, width, heads, device=device), device
+        lambda: checkpoint.is_file() or _common.write_large_esm2(checkpoint, layers, width, heads, device=device),
+        device,
     )
     print(f"checkpoint {checkpoint} ready after {results['checkpoint_write_s']:.0f} s", flush=True)
     snapshot = _common.dnabert_snapshot(args.dir, *plan["dnabert"])

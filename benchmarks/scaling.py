@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,7 +65,7 @@ def main() -> None:
         _common.write_fasta(args.dir / "shards" / f"shard_{i:03d}.faa", proteins[i::args.shards][: args.frames_per_shard])
         for i in range(args.shards)
     ]  # fmt: skip
-    tokens = sum(len(p) + 2 for p in proteins[: count])
+    tokens = sum(len(p) + 2 for p in proteins[:count])
     results = []
     for daemons in (int(value) for value in args.daemons.split(",")):
         print(f"{daemons} daemon(s) ...", flush=True)

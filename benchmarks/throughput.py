@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import argparse as _argparse
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -40,6 +39,8 @@ def esm_published(checkpoint: Path, proteins: list[str]):
     import torch
     from esm.data import FastaBatchedDataset
 
+    from virnucpro.engines.esm2 import MEAN_POSITIONS, TOKS_PER_BATCH
+
     with torch.serialization.safe_globals([_argparse.Namespace]):
         model, alphabet = esm.pretrained.load_model_and_alphabet_local(str(checkpoint))
     model.eval()
@@ -48,14 +49,14 @@ def esm_published(checkpoint: Path, proteins: list[str]):
 
     def run(sequences: list[str]) -> torch.Tensor:
         dataset = FastaBatchedDataset([str(i) for i in range(len(sequences))], sequences)
-        batches = dataset.get_batch_indices(2048, extra_toks_per_seq=1)
+        batches = dataset.get_batch_indices(TOKS_PER_BATCH, extra_toks_per_seq=1)
         vectors = torch.empty(len(sequences), model.embed_dim)
         with torch.no_grad():
             for batch in batches:
                 labels, strs, toks = converter([dataset[i] for i in batch])
                 representations = model(toks, repr_layers=[last])["representations"][last]
                 for row, (label, sequence) in enumerate(zip(labels, strs)):
-                    end = min(1024, len(sequence))
+                    end = min(MEAN_POSITIONS, len(sequence))
                     vectors[int(label)] = representations[row, 1 : end + 1].mean(0)
         return vectors
 

@@ -73,9 +73,10 @@ def child(mode: str, checkpoint: str) -> None:
             model, _ = esm.pretrained.load_model_and_alphabet_local(checkpoint)
         model.eval()
     else:
+        from virnucpro.engines.embed import torch_dtype
         from virnucpro.engines.esm2 import load_esm2
 
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
+        dtype = torch_dtype(mode)
         model = load_esm2(Path(checkpoint), dtype=dtype).model
     seconds = time.perf_counter() - started
     parameters = list(model.parameters())
@@ -126,7 +127,10 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown mode(s): {', '.join(sorted(unknown))}")
 
-    name = "esm2_t36_3B_UR50D.pt" if (args.layers, args.dim, args.heads) == (36, 2560, 40) else f"esm2_t{args.layers}_{args.dim}_bench.pt"
+    from virnucpro.engines.download import MODEL_PATHS
+
+    published = (args.layers, args.dim, args.heads) == (36, 2560, 40)
+    name = MODEL_PATHS["esm2"] if published else f"esm2_t{args.layers}_{args.dim}_bench.pt"
     checkpoint = args.dir / name
     args.dir.mkdir(parents=True, exist_ok=True)
     if checkpoint.is_file():
@@ -142,7 +146,9 @@ def main() -> None:
     with checkpoint.open("rb") as handle:
         while handle.read(64 << 20):
             pass
-    print(f"{checkpoint.name}: {size / GB:.2f} GB; read once to warm the page cache ({time.perf_counter() - started:.0f} s)")
+    print(
+        f"{checkpoint.name}: {size / GB:.2f} GB; read once to warm the page cache ({time.perf_counter() - started:.0f} s)"
+    )
 
     results = []
     for mode in modes:

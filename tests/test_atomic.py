@@ -55,7 +55,7 @@ def test_atomic_output_gives_ordinary_permissions(tmp_path):
 def test_atomic_output_writes_unix_line_endings_in_utf8(tmp_path):
     with atomic_output(tmp_path / "out.txt") as handle:
         handle.write("é\n")
-    assert (tmp_path / "out.txt").read_bytes() == "é\n".encode("utf-8")
+    assert (tmp_path / "out.txt").read_bytes() == "é\n".encode()
 
 
 def test_atomic_output_writes_binary_files(tmp_path):

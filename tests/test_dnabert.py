@@ -18,8 +18,8 @@ from tokenizers import Tokenizer
 
 from virnucpro.engines.dnabert import load_dnabert_s, token_batches
 from virnucpro.engines.dnabert_config import alibi_slopes
-from virnucpro.testmodels import write_random_snapshot
 from virnucpro.errors import UserError
+from virnucpro.testmodels import write_random_snapshot
 
 # The key set of the published zhihan1996/DNABERT-S config.json.
 PUBLISHED_CONFIG_KEYS = {
@@ -283,12 +283,16 @@ def test_missing_tensor_is_refused_naming_the_file_and_tensor(tmp_path, snapshot
     tensors = load_file(broken / "model.safetensors")
     del tensors["encoder.layer.0.attention.self.Wqkv.bias"]
     save_file(tensors, broken / "model.safetensors")
-    with pytest.raises(UserError, match=r"model\.safetensors.*'encoder\.layer\.0\.attention\.self\.Wqkv\.bias'.*missing"):
+    with pytest.raises(
+        UserError, match=r"model\.safetensors.*'encoder\.layer\.0\.attention\.self\.Wqkv\.bias'.*missing"
+    ):
         load_dnabert_s(broken)
 
 
 def test_missing_snapshot_folder_is_refused_naming_it(tmp_path):
-    with pytest.raises(UserError, match=r"snapshot folder not found: .*nowhere; .*virnucpro models download --dest DIR"):
+    with pytest.raises(
+        UserError, match=r"snapshot folder not found: .*nowhere; .*virnucpro models download --dest DIR"
+    ):
         load_dnabert_s(tmp_path / "nowhere")
 
 

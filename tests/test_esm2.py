@@ -16,8 +16,8 @@ import torch
 from esm.data import Alphabet, FastaBatchedDataset
 from esm.model.esm2 import ESM2
 
-from virnucpro.errors import UserError
 from virnucpro.engines.esm2 import load_esm2
+from virnucpro.errors import UserError
 from virnucpro.testmodels import write_random_checkpoint
 
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
@@ -211,7 +211,9 @@ def test_a_file_without_the_esm2_cfg_is_refused(tmp_path: Path) -> None:
         load_esm2(other)
 
 
-def test_a_protein_longer_than_1024_goes_through_whole_not_truncated_as_fair_esm_extract_would(checkpoint: Path) -> None:
+def test_a_protein_longer_than_1024_goes_through_whole_not_truncated_as_fair_esm_extract_would(
+    checkpoint: Path,
+) -> None:
     protein = random_proteins(3, 1300, seed=9)[2]
     embedder = load_esm2(checkpoint)
     whole = embedder.embed([protein]).vectors[0]
@@ -294,7 +296,9 @@ def test_loading_never_builds_random_weights_and_places_them_in_the_target_dtype
 
 
 def test_missing_checkpoint_message_names_it_and_the_download_command(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"ESM-2 checkpoint not found: .*nothing\.pt; .*virnucpro models download --dest DIR"):
+    with pytest.raises(
+        UserError, match=r"ESM-2 checkpoint not found: .*nothing\.pt; .*virnucpro models download --dest DIR"
+    ):
         load_esm2(tmp_path / "nothing.pt")
 
 
@@ -356,7 +360,9 @@ def test_half_precision_keeps_the_rotary_frequencies_in_fp32_and_exact(checkpoin
     for index, layer in enumerate(embedder.model.layers):
         inv_freq = layer.self_attn.rot_emb.inv_freq
         assert inv_freq.dtype == torch.float32
-        assert torch.equal(inv_freq, stored[f"encoder.sentence_encoder.layers.{index}.self_attn.rot_emb.inv_freq"].float())
+        assert torch.equal(
+            inv_freq, stored[f"encoder.sentence_encoder.layers.{index}.self_attn.rot_emb.inv_freq"].float()
+        )
     assert layer.fc1.weight.dtype == torch.bfloat16
 
 

@@ -19,10 +19,10 @@ import virnucpro.engines.download as models
 from virnucpro.classify.classifier import load_classifier
 from virnucpro.cli import main
 from virnucpro.engines.dnabert import load_dnabert_s
-from virnucpro.errors import UserError
-from virnucpro.engines.esm2 import load_esm2
-from virnucpro.testmodels import write_published_classifier, write_random_checkpoint, write_random_snapshot
 from virnucpro.engines.download import MANIFEST, download_models, parse_base_url, resolve_base_urls
+from virnucpro.engines.esm2 import load_esm2
+from virnucpro.errors import UserError
+from virnucpro.testmodels import write_published_classifier, write_random_checkpoint, write_random_snapshot
 
 # --- a small model server: files under a root, GET with single "bytes=N-" ranges, a request log ---
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from virnucpro.outputs.aggregate import aggregate_sample
 from virnucpro.classify.predictions import PREDICTION_HEADER, format_score, merge_features, prediction_rows
+from virnucpro.outputs.aggregate import aggregate_sample
 
 
 def test_scores_print_as_the_shortest_text_of_their_float32():
@@ -50,13 +50,14 @@ def _table(path: Path, rows: list[str]) -> Path:
 @pytest.fixture
 def sample(tmp_path):
     reads = tmp_path / "reads_index.tsv"
-    reads.write_text(
-        "read_id\tlength\tchunks\tskip_reason\n"
-        "r1\t600\t2\t\n"
-        "r2\t100\t1\t\n"
-        "r3\t0\t0\tempty sequence\n"
-        "b\t5000\t10\t\n"
-    )
+    rows = [
+        "read_id\tlength\tchunks\tskip_reason",
+        "r1\t600\t2\t",
+        "r2\t100\t1\t",
+        "r3\t0\t0\tempty sequence",
+        "b\t5000\t10\t",
+    ]
+    reads.write_text("".join(row + "\n" for row in rows))
     frames = ["r1_chunk_1F1", "r1_chunk_1R2", "r1_chunk_2F3", "b_chunk_2F1", "b_chunk_10R1", "b_chunk_10R3"]
     nucleotide = tmp_path / "nuc.fa"
     nucleotide.write_text("".join(f">{name}\nACGT\n" for name in frames))
@@ -70,7 +71,12 @@ def sample(tmp_path):
     )
     out = tmp_path / "out"
     aggregate_sample(
-        sample="s1", reads_table=reads, nucleotide=nucleotide, predictions=[shard0, shard1], manifest=None, output_dir=out
+        sample="s1",
+        reads_table=reads,
+        nucleotide=nucleotide,
+        predictions=[shard0, shard1],
+        manifest=None,
+        output_dir=out,
     )
     return out, (shard0, shard1)
 
@@ -85,20 +91,29 @@ def test_highest_score_file_gives_a_verdict_per_chunk_sorted_as_strings(sample):
     out, _ = sample
     # r1_chunk_1: max(score2)=0.7 >= max(score1)=0.6; r1_chunk_2: 0.1 < 0.9; b_chunk_10: 0.8 >= 0.8 (a tie is True);
     # b_chunk_2: 0.45 < 0.55. "b_chunk_10" sorts before "b_chunk_2" as a string.
-    assert (out / "prediction_results_highestscore.csv").read_text() == (
-        "Modified_ID\tIs_Virus\n"
-        "b_chunk_10\tTrue\n"
-        "b_chunk_2\tFalse\n"
-        "r1_chunk_1\tTrue\n"
-        "r1_chunk_2\tFalse\n"
-    )
+    expected = [
+        "Modified_ID\tIs_Virus",
+        "b_chunk_10\tTrue",
+        "b_chunk_2\tFalse",
+        "r1_chunk_1\tTrue",
+        "r1_chunk_2\tFalse",
+    ]
+    assert (out / "prediction_results_highestscore.csv").read_text() == "".join(row + "\n" for row in expected)
 
 
 def test_every_read_has_one_row_with_a_verdict_or_a_reason(sample):
     out, _ = sample
     lines = (out / "reads.tsv").read_text().splitlines()
     assert lines[0].split("\t") == [
-        "read_id", "length", "chunks", "frames", "frames_scored", "virus_chunks", "best_virus_score", "verdict", "reason"
+        "read_id",
+        "length",
+        "chunks",
+        "frames",
+        "frames_scored",
+        "virus_chunks",
+        "best_virus_score",
+        "verdict",
+        "reason",
     ]
     assert lines[1:] == [
         "r1\t600\t2\t3\t3\t1\t0.7\tvirus\t",

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from virnucpro.errors import UserError
-from virnucpro.prep.translate import (Frame, TranslateSummary, six_frames, translate_codons,
-                                 translate_fasta)
+from virnucpro.prep.translate import Frame, TranslateSummary, six_frames, translate_codons, translate_fasta
 
 # The standard genetic code, written as amino acid -> codons (independent of the code's table).
+# fmt: off
 CODONS_OF = {
     "F": "TTT TTC", "L": "TTA TTG CTT CTC CTA CTG", "I": "ATT ATC ATA", "M": "ATG",
     "V": "GTT GTC GTA GTG", "S": "TCT TCC TCA TCG AGT AGC", "P": "CCT CCC CCA CCG",
@@ -18,6 +18,7 @@ CODONS_OF = {
     "E": "GAA GAG", "C": "TGT TGC", "W": "TGG", "R": "CGT CGC CGA CGG AGA AGG",
     "G": "GGT GGC GGA GGG",
 }
+# fmt: on
 AMINO_ACID_OF = {codon: aa for aa, codons in CODONS_OF.items() for codon in codons.split()}
 IUPAC_AMBIGUOUS = "NRYSWKMBDHVU"
 
@@ -33,13 +34,13 @@ def reference_six_frames(chunk_id: str, sequence: str) -> list[tuple[str, str, s
             protein = ""
             position = i - 1
             while len(strand_seq) - position >= 3:
-                codon = strand_seq[position:position + 3]
+                codon = strand_seq[position : position + 3]
                 if codon in AMINO_ACID_OF:
                     protein += AMINO_ACID_OF[codon]
                 position += 3
             if protein and "*" not in protein:
                 p = len(protein)
-                result.append((f"{chunk_id}{strand}{i}", strand_seq[i - 1:i + 3 * p], protein))
+                result.append((f"{chunk_id}{strand}{i}", strand_seq[i - 1 : i + 3 * p], protein))
     return result
 
 
@@ -58,8 +59,7 @@ def test_every_codon_translates_by_the_standard_code():
 
 
 def test_codons_are_read_while_three_letters_remain():
-    assert [translate_codons("ATGGCC"[:n]) for n in range(7)] == [
-        "", "", "", "M", "M", "M", "MA"]
+    assert [translate_codons("ATGGCC"[:n]) for n in range(7)] == ["", "", "", "M", "M", "M", "MA"]
     assert translate_codons("ATGGCCTA") == "MA"
 
 
@@ -76,6 +76,7 @@ def test_dropped_codons_do_not_shift_the_reading_frame():
 
 
 # Worked by hand. ATGGCTTGGAAA: reverse complement TTTCCAAGCCAT.
+# fmt: off
 HAND_WORKED = {
     "ATGGCTTGGAAA": [
         ("cF1", "ATGGCTTGGAAA", "MAWK"),   # ATG GCT TGG AAA, slice clipped at 12
@@ -94,6 +95,7 @@ HAND_WORKED = {
         ("cR3", "CTTA", "L"),              # CTT ANN NCA
     ],
 }
+# fmt: on
 
 
 def test_hand_worked_frames():
@@ -171,16 +173,15 @@ def write_chunks(path: Path, chunks: list[tuple[str, str]]) -> Path:
 
 
 def test_translate_fasta_writes_both_files_in_chunk_then_frame_order(tmp_path):
-    chunks = [("r1_chunk_1", "ATGGCTTGGAAA"), ("r1_chunk_2", "CTAGCTAGCTAG"),
-              ("r2_chunk_1", "aTGNNNTAAGCc")]
+    chunks = [("r1_chunk_1", "ATGGCTTGGAAA"), ("r1_chunk_2", "CTAGCTAGCTAG"), ("r2_chunk_1", "aTGNNNTAAGCc")]
     chunks += [(f"s{n}_chunk_1", s) for n, s in enumerate(random_sequences(200, seed=3))]
     source = write_chunks(tmp_path / "chunks.fa", chunks)
     summary = translate_fasta(source, tmp_path / "out_nucleotide.fa", tmp_path / "out_protein.faa")
     expected = [frame for cid, seq in chunks for frame in reference_six_frames(cid, seq)]
     assert (tmp_path / "out_nucleotide.fa").read_text() == "".join(
-        f">{fid}\n{nucleotide}\n" for fid, nucleotide, _ in expected)
-    assert (tmp_path / "out_protein.faa").read_text() == "".join(
-        f">{fid}\n{protein}\n" for fid, _, protein in expected)
+        f">{fid}\n{nucleotide}\n" for fid, nucleotide, _ in expected
+    )
+    assert (tmp_path / "out_protein.faa").read_text() == "".join(f">{fid}\n{protein}\n" for fid, _, protein in expected)
     assert summary == TranslateSummary(chunks=len(chunks), frames=len(expected))
     assert "r1_chunk_2" not in (tmp_path / "out_protein.faa").read_text()
 

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 from virnucpro import __version__
+from virnucpro.engines.embed import MODEL_NAMES as MODEL_CHOICES
+from virnucpro.engines.embed import PRECISIONS
 from virnucpro.errors import UserError
-
-LENGTHS = (300, 500)
-MODEL_CHOICES = ("esm2", "dnabert-s", "dnabert_s")
-PRECISIONS = ("fp32", "bf16", "fp16")
+from virnucpro.prep.chunk import EXPECTED_LENGTHS as LENGTHS
+from virnucpro.prep.shard import DEFAULT_SHARD_SIZE
 
 
 def _cmd_chunk(args: argparse.Namespace) -> None:
@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("shard", _cmd_shard, "split paired nucleotide/protein frame files into shards")
     sub.add_argument("nucleotide", type=Path, help="nucleotide frames FASTA")
     sub.add_argument("protein", type=Path, help="protein frames FASTA")
-    sub.add_argument("--shard-size", type=int, default=10000, help="frames per shard (default 10000)")
+    sub.add_argument(
+        "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help=f"frames per shard (default {DEFAULT_SHARD_SIZE})"
+    )
     sub.add_argument("--output-dir", type=Path, required=True, help="folder for shard_NNNNN.fa/.faa")
 
     sub = command("embed", _cmd_embed, "embed a FASTA file with one model (in-process, or through a daemon)")
@@ -323,7 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--output-dir", type=Path, required=True)
     sub.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     sub.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32")
-    sub.add_argument("--shard-size", type=int, default=10000, help="frames embedded together (default 10000)")
+    sub.add_argument(
+        "--shard-size",
+        type=int,
+        default=DEFAULT_SHARD_SIZE,
+        help=f"frames embedded together (default {DEFAULT_SHARD_SIZE})",
+    )
 
     sub = command("serve", _cmd_serve, "run a daemon that holds one model and embeds shards sent over ZeroMQ")
     sub.add_argument("--model", choices=MODEL_CHOICES, required=True)

@@ -31,6 +31,8 @@ from virnucpro.engines.dnabert_config import (
     DnabertConfig,
     config_from_dict,
 )
+from virnucpro.engines.download import MODEL_PATHS, MODELS_JSON
+from virnucpro.prep.chunk import EXPECTED_LENGTHS
 
 if TYPE_CHECKING:
     import torch
@@ -48,14 +50,14 @@ def make_test_models(output_dir: Path, seed: int = 0) -> dict[str, Path]:
             output_dir / "esm2_t2_64_test.pt", num_layers=2, embed_dim=ESM_DIM, attention_heads=4, seed=seed
         ),
         "dnabert_s": write_random_snapshot(
-            output_dir / "DNABERT-S", hidden_size=DNABERT_HIDDEN, num_layers=2, num_heads=4, seed=seed
+            output_dir / MODEL_PATHS["dnabert_s"], hidden_size=DNABERT_HIDDEN, num_layers=2, num_heads=4, seed=seed
         ),
     }
-    for length in (300, 500):
+    for length in EXPECTED_LENGTHS:
         paths[f"classifier_{length}"] = write_published_classifier(
-            output_dir / f"{length}_model.pth", input_dim=DNABERT_HIDDEN + ESM_DIM, seed=seed + length
+            output_dir / MODEL_PATHS[f"classifier_{length}"], input_dim=DNABERT_HIDDEN + ESM_DIM, seed=seed + length
         )
-    write_text(output_dir / "models.json", json.dumps({name: str(path) for name, path in paths.items()}, indent=2) + "\n")
+    write_text(output_dir / MODELS_JSON, json.dumps({name: str(path) for name, path in paths.items()}, indent=2) + "\n")
     return paths
 
 

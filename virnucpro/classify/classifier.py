@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from virnucpro.atomic import atomic_path
+from virnucpro.engines.download import DOWNLOAD_COMMAND, MODEL_PATHS
 from virnucpro.errors import UserError
 
 if TYPE_CHECKING:
@@ -34,8 +35,8 @@ _KEYS = (
 _OPTIONAL_KEYS = ("bn1.num_batches_tracked",)
 _MLP: type | None = None
 _HINT = (
-    "'virnucpro models download --dest DIR' fetches the published DIR/300_model.pth and DIR/500_model.pth; "
-    "use the one that matches the expected read length"
+    f"'{DOWNLOAD_COMMAND}' fetches the published DIR/{MODEL_PATHS['classifier_300']} and "
+    f"DIR/{MODEL_PATHS['classifier_500']}; use the one that matches the expected read length"
 )
 
 

@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from virnucpro.prep.shard import DEFAULT_SHARD_SIZE
+
 log = logging.getLogger(__name__)
 
 
@@ -21,22 +23,24 @@ def predict(
     output_dir: Path,
     device: str = "cpu",
     precision: str = "fp32",
-    shard_size: int = 10000,
+    shard_size: int = DEFAULT_SHARD_SIZE,
 ) -> None:
     """Run the whole method in this process: each model is loaded once and used for every shard."""
-    from virnucpro.outputs.aggregate import aggregate_sample
-    from virnucpro.prep.chunk import chunk_fasta
     from virnucpro.classify.classifier import load_classifier
     from virnucpro.classify.predictions import classify_embedded
     from virnucpro.engines.embed import embed_records, load_embedder, read_embeddings
     from virnucpro.manifest import append_failure
+    from virnucpro.outputs.aggregate import aggregate_sample
+    from virnucpro.prep.chunk import chunk_fasta
     from virnucpro.prep.shard import shard_frames
     from virnucpro.prep.translate import translate_fasta
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model = load_classifier(Path(classifier))
-    embedders = {name: load_embedder(name, path, device, precision) for name, path in (("dnabert_s", dnabert_s), ("esm2", esm2))}
+    embedders = {
+        name: load_embedder(name, path, device, precision) for name, path in (("dnabert_s", dnabert_s), ("esm2", esm2))
+    }
     sample = Path(input_path).name
     work = Path(tempfile.mkdtemp(prefix=".work-", dir=output_dir))
     manifest = work / "failures.tsv"

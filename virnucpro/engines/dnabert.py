@@ -17,12 +17,12 @@ from virnucpro.engines.dnabert_config import (
     BERT_PREFIX,
     BIN_FILE,
     CONFIG_FILE,
-    FIX_HINT,
     SAFETENSORS_FILE,
     TOKENIZER_FILE,
     DnabertConfig,
     read_config,
 )
+from virnucpro.engines.download import DOWNLOAD_COMMAND, MODEL_PATHS
 from virnucpro.errors import UserError
 
 if TYPE_CHECKING:
@@ -32,13 +32,16 @@ if TYPE_CHECKING:
     from virnucpro.engines.dnabert_model import DnabertEncoder
     from virnucpro.engines.embedded import Embedded
 
+FIX_HINT = (
+    f"put the published zhihan1996/DNABERT-S files there: '{DOWNLOAD_COMMAND}' writes them to "
+    f"DIR/{MODEL_PATHS['dnabert_s']}"
+)
+"""What the user can do about a missing or broken snapshot: ends every snapshot error message."""
 _UNUSED = ("cls.", "pooler.")
 """Published tensors that the encoder does not use: the MLM head and the pooler."""
 
 
-def select_tensors(
-    raw: dict[str, Any], expected: dict[str, tuple[int, ...]], source: Path
-) -> dict[str, Any]:
+def select_tensors(raw: dict[str, Any], expected: dict[str, tuple[int, ...]], source: Path) -> dict[str, Any]:
     """The tensors of ``expected`` (published names) from a checkpoint's ``raw`` tensors.
 
     Names may carry a ``bert.`` prefix; the MLM head (``cls.*``) and the pooler are left out.
@@ -154,7 +157,11 @@ def load_dnabert_s(
     snapshot_dir = Path(snapshot_dir)
     if not snapshot_dir.is_dir():
         raise UserError(f"DNABERT-S snapshot folder not found: {snapshot_dir}; {FIX_HINT}")
-    config = read_config(_required(snapshot_dir, CONFIG_FILE))
+    config_path = _required(snapshot_dir, CONFIG_FILE)
+    try:
+        config = read_config(config_path)
+    except UserError as error:  # the format's own message: what is wrong; add what to do
+        raise UserError(f"{error}; {FIX_HINT}") from None
     tokenizer = _read_tokenizer(_required(snapshot_dir, TOKENIZER_FILE), config)
     source, raw = _read_weights(snapshot_dir)
     tensors = select_tensors(raw, expected_shapes(config), source)

@@ -3,7 +3,8 @@ computation, and the ALiBi slopes they imply.
 
 Below both the loader (``virnucpro.engines.dnabert``) and the encoder (``virnucpro.engines.dnabert_model``):
 it imports neither, so the encoder never imports the loader (as fair-esm's ``model/esm2.py`` imports
-nothing from ``pretrained.py``). See docs/dnabert-s-format.md.
+nothing from ``pretrained.py``). Its errors say what is wrong; the loader adds what to do about it.
+See docs/dnabert-s-format.md.
 """
 
 from __future__ import annotations
@@ -28,11 +29,6 @@ SPECIAL_TOKENS = ("[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]")
 """The published vocabulary starts with these, ids 0 to 4."""
 BERT_PREFIX = "bert."
 """Tensor names may carry this prefix (DNABERT-2-117M publishes them so, DNABERT-S without it)."""
-FIX_HINT = (
-    "put the published zhihan1996/DNABERT-S files there: 'virnucpro models download --dest DIR' "
-    "writes them to DIR/DNABERT-S"
-)
-"""What the user can do about a missing or broken snapshot: ends every snapshot error message."""
 
 
 def alibi_slopes(n_heads: int) -> list[float]:
@@ -79,25 +75,25 @@ def config_from_dict(data: dict[str, Any], path: Path) -> DnabertConfig:
     ):
         value = data.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise UserError(f"{path}: key '{name}' is missing or not a positive number; {FIX_HINT}")
+            raise UserError(f"{path}: key '{name}' is missing or not a positive number")
         if kind is int and value != int(value):
-            raise UserError(f"{path}: key '{name}' must be a whole number, found {value}; {FIX_HINT}")
+            raise UserError(f"{path}: key '{name}' must be a whole number, found {value}")
         values[name] = kind(value)
     config = DnabertConfig(**values)
     if config.hidden_size % config.num_attention_heads:
         raise UserError(
             f"{path}: hidden_size {config.hidden_size} is not a multiple of "
-            f"num_attention_heads {config.num_attention_heads}; {FIX_HINT}"
+            f"num_attention_heads {config.num_attention_heads}"
         )
     return config
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A snapshot's JSON file as a dict, or a UserError that says what to do."""
+    """A snapshot's JSON file as a dict, or a UserError saying what is wrong with it."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: cannot be read as JSON ({error}); {FIX_HINT}") from None
+        raise UserError(f"{path}: cannot be read as JSON ({error})") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object; {FIX_HINT}")
+        raise UserError(f"{path}: expected a JSON object")
     return data

@@ -25,6 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from virnucpro.atomic import write_text
+from virnucpro.engines.dnabert_config import (
+    BIN_FILE,
+    CONFIG_FILE,
+    SPECIAL_TOKENS_MAP_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+)
 from virnucpro.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,6 +48,7 @@ MIRROR_ENV = "VIRNUCPRO_MODELS_MIRROR"
 BASE_URL_ENV = "VIRNUCPRO_MODELS_BASE_URL_{}"
 """Per group, e.g. ``VIRNUCPRO_MODELS_BASE_URL_ESM2``; it overrides the mirror for that group."""
 DOWNLOAD_COMMAND = "virnucpro models download --dest DIR"
+"""The command that fetches every published model file into DIR; the loaders' messages name it."""
 RETRY_DELAY = 2.0
 """Seconds before the first retry of a dropped transfer; doubled for each further one (at most 30)."""
 CHECKSUMS_FILE = "SHA256SUMS"
@@ -67,7 +75,7 @@ class ModelFile:
     """The file's git blob id (SHA-1 of ``blob <size>\\0`` + content), as the publishing repository records it."""
 
 
-_DNABERT_S_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "pytorch_model.bin")
+_DNABERT_S_FILES = (CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, BIN_FILE)
 
 MANIFEST: tuple[ModelFile, ...] = (
     # size and sha256: no checksum is published by Meta; these values are recorded by several
@@ -75,7 +83,7 @@ MANIFEST: tuple[ModelFile, ...] = (
     ModelFile(
         "esm2",
         "models/esm2_t36_3B_UR50D.pt",
-        "esm2_t36_3B_UR50D.pt",
+        MODEL_PATHS["esm2"],
         size=5678116398,
         sha256="7de8b4082ba15891959ab368b77ce3886697af1efb16d3c9e9e7b0c5d3f07500",
     ),
@@ -87,10 +95,20 @@ MANIFEST: tuple[ModelFile, ...] = (
         sha256="4da500eab246481dc9c8c95bc7b1d02f2803d761c380b0e95186d4a07d0fc84e",
     ),
     # DNABERT-S: no size or checksum could be established offline; only completeness is checked
-    *(ModelFile("dnabert_s", name, f"DNABERT-S/{name}") for name in _DNABERT_S_FILES),
+    *(ModelFile("dnabert_s", name, f"{MODEL_PATHS['dnabert_s']}/{name}") for name in _DNABERT_S_FILES),
     # the classifiers: their git blob ids in the VirNucPro repository at the pinned commit
-    ModelFile("classifiers", "300_model.pth", "300_model.pth", git_sha1="a0b5b85e7c1e44f00cde146d091beb82b2c8e855"),
-    ModelFile("classifiers", "500_model.pth", "500_model.pth", git_sha1="fc35d5ef9f1f4564eea7036f34f4f8ec6000d33d"),
+    ModelFile(
+        "classifiers",
+        "300_model.pth",
+        MODEL_PATHS["classifier_300"],
+        git_sha1="a0b5b85e7c1e44f00cde146d091beb82b2c8e855",
+    ),
+    ModelFile(
+        "classifiers",
+        "500_model.pth",
+        MODEL_PATHS["classifier_500"],
+        git_sha1="fc35d5ef9f1f4564eea7036f34f4f8ec6000d33d",
+    ),
 )
 
 Progress = Callable[[str, int, "int | None"], None]

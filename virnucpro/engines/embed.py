@@ -21,6 +21,11 @@ if TYPE_CHECKING:
     from virnucpro.engines.embedded import Embedded
 
 MODELS = ("esm2", "dnabert_s")
+"""The embedding models, by their canonical names (the configuration's model keys)."""
+MODEL_NAMES = ("esm2", "dnabert-s", "dnabert_s")
+"""The model names accepted on the command line; ``canonical_model_name`` maps each to one of MODELS."""
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""The precisions a model can run in (fp32: as published)."""
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +46,28 @@ def canonical_model_name(name: str) -> str:
     return canonical
 
 
-def load_embedder(model: str, weights: Path, device: str = "cpu", precision: str = "fp32") -> Embedder:
-    """Load one embedding model from local files onto ``device``."""
+def torch_dtype(precision: str) -> torch.dtype:
+    """The torch dtype of one of PRECISIONS."""
     import torch
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in dtypes:
-        raise UserError(f"unknown precision '{precision}': choose one of fp32, bf16, fp16")
+        raise UserError(f"unknown precision '{precision}': choose one of {', '.join(PRECISIONS)}")
+    return dtypes[precision]
+
+
+def load_embedder(model: str, weights: Path, device: str = "cpu", precision: str = "fp32") -> Embedder:
+    """Load one embedding model from local files onto ``device``."""
+    dtype = torch_dtype(precision)
     check_device(device)
     model = canonical_model_name(model)
     if model == "esm2":
         from virnucpro.engines.esm2 import load_esm2
 
-        return load_esm2(Path(weights), device=device, dtype=dtypes[precision])
+        return load_esm2(Path(weights), device=device, dtype=dtype)
     from virnucpro.engines.dnabert import load_dnabert_s
 
-    return load_dnabert_s(Path(weights), device=device, dtype=dtypes[precision])
+    return load_dnabert_s(Path(weights), device=device, dtype=dtype)
 
 
 def check_device(device: str) -> None:

@@ -32,6 +32,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from virnucpro.engines.download import DOWNLOAD_COMMAND, MODEL_PATHS
 from virnucpro.errors import UserError
 
 if TYPE_CHECKING:
@@ -58,8 +59,8 @@ CONTACT_HEAD = "contact_head."
 """The prefix of the contact head's weights, which come from the contact-regression companion file."""
 _CFG_FIELDS = ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads", "token_dropout")
 _HINT = (
-    "get the published ESM-2 3B with 'virnucpro models download --dest DIR' "
-    "(writes DIR/esm2_t36_3B_UR50D.pt and its contact-regression file), or point to another fair-esm ESM-2 checkpoint"
+    f"get the published ESM-2 3B with '{DOWNLOAD_COMMAND}' "
+    f"(writes DIR/{MODEL_PATHS['esm2']} and its contact-regression file), or point to another fair-esm ESM-2 checkpoint"
 )
 
 
@@ -225,7 +226,9 @@ def load_esm2(
     _check_state(checkpoint, model, state)
     pages, target = MappedPages(checkpoint), torch.device(device)
     # the fused path keeps the rotary frequencies in fp32 (fair-esm's own forward needs them in the model dtype)
-    rotary = {name: state.pop(name) for name in list(state) if attention == "sdpa" and name.endswith(ROTARY_FREQUENCIES)}
+    rotary = {
+        name: state.pop(name) for name in list(state) if attention == "sdpa" and name.endswith(ROTARY_FREQUENCIES)
+    }
     weights = place_tensors(state, target, dtype or torch.float32, pages)
     weights.update(place_tensors(rotary, target, torch.float32, pages))
     model.load_state_dict(weights, strict=True, assign=True)
@@ -305,9 +308,7 @@ def _contact_regression(checkpoint: Path) -> dict[str, torch.Tensor]:
     weights = data.get("model") if isinstance(data, dict) else None
     if not isinstance(weights, dict):
         raise UserError(f"{companion}: not a fair-esm contact-regression file (no 'model' dict)")
-    return {
-        name: tensor for name, tensor in upgrade_state_dict(weights).items() if name.startswith(CONTACT_HEAD)
-    }
+    return {name: tensor for name, tensor in upgrade_state_dict(weights).items() if name.startswith(CONTACT_HEAD)}
 
 
 def contact_regression_path(checkpoint: Path) -> Path:

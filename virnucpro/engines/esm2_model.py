@@ -45,7 +45,11 @@ class SdpaESM2(ESM2):
             self.shared_rotary = True
 
     def forward(
-        self, tokens: torch.Tensor, repr_layers: Any = (), need_head_weights: bool = False, return_contacts: bool = False
+        self,
+        tokens: torch.Tensor,
+        repr_layers: Any = (),
+        need_head_weights: bool = False,
+        return_contacts: bool = False,
     ) -> dict[str, Any]:
         """``{"representations": {layer: [B, T, E]}}`` for each layer of ``repr_layers`` (no logits)."""
         if need_head_weights or return_contacts:

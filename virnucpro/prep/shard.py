@@ -9,6 +9,9 @@ from pathlib import Path
 from virnucpro.errors import UserError
 from virnucpro.fasta import read_fasta, write_fasta_record
 
+DEFAULT_SHARD_SIZE = 10000
+"""Frames per shard unless told otherwise (the configuration's ``shard_size`` default, too)."""
+
 
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}"
