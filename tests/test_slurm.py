@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_workflow import (
+from runs import (
     BIN, DEMO_READS, IDLE_TIMEOUT, REPO, serve_processes, snakemake, snakemake_command, write_config,
 )
 

@@ -7,92 +7,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-SNAKEFILE = REPO / "workflow" / "Snakefile"
-DEMO_READS = REPO / "tests" / "data" / "demo_reads.fa"
-BIN = Path(sys.executable).parent
-SAMPLE_OUTPUTS = ("prediction_results.txt", "prediction_results_highestscore.csv", "reads.tsv", "failures.tsv")
-ABSENT_MODELS = {"esm2": "absent/esm2.pt", "dnabert_s": "absent/DNABERT-S", "classifier_500": "absent/500_model.pth"}
-IDLE_TIMEOUT = 300  # far above a run's length: a daemon that only stops by idling makes a test fail
-
-
-def snakemake_env() -> dict[str, str]:
-    """This environment, with this virtualenv's bin first on PATH (the rules call virnucpro)."""
-    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-
-
-def snakemake_command(workdir: Path, *args: str) -> list[str]:
-    return [str(BIN / "snakemake"), "--snakefile", str(SNAKEFILE), "--directory", str(workdir), *args]
-
-
-def snakemake(workdir: Path, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run snakemake on the workflow in `workdir` (environment: `snakemake_env()` unless given); its
-    stdout and stderr together are in `.stdout`."""
-    return subprocess.run(
-        snakemake_command(workdir, *args), cwd=workdir, env=env or snakemake_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, timeout=timeout,
-    )  # fmt: skip
-
-
-def write_config(workdir: Path, models: dict[str, Path], samples: dict[str, str], **keys) -> Path:
-    config = {
-        "samples": samples,
-        "length": 500,
-        "models": {
-            "esm2": str(models["esm2"]),
-            "dnabert_s": str(models["dnabert_s"]),
-            "classifier": str(models["classifier_500"]),
-        },
-        "shard_size": 25,
-        "idle_timeout": IDLE_TIMEOUT,
-        **keys,
-    }
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def line_with(text: str, needle: str) -> str:
-    """The one line of `text` that contains `needle` (fails if there is none)."""
-    lines = [line for line in text.splitlines() if needle in line]
-    assert lines, f"no line contains {needle!r} in:\n{text}"
-    return lines[0]
-
-
-def read_ids(fasta: Path) -> list[str]:
-    with open(fasta) as handle:
-        return [line[1:].split()[0] for line in handle if line.startswith(">")]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def serve_processes(workdir: Path) -> list[str]:
-    """Command lines of live `virnucpro serve` processes working for `workdir`."""
-    found = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        text = b" ".join(args).decode(errors="replace")
-        if "virnucpro" in text and b"serve" in args[1:] and str(workdir) in text:
-            found.append(text)
-    return found
-
+from runs import (
+    ABSENT_MODELS, BIN, DEMO_READS, IDLE_TIMEOUT, SAMPLE_OUTPUTS, daemons_in, line_with, pid_alive, read_ids, snakemake,
+    write_config,
+)
 
 # --- lint and checks at start (the models are checked only once the samples are) ----------------
 
@@ -268,7 +189,7 @@ def test_the_daemons_are_gone_after_the_run(daemon_run):
         assert not pid_alive(entry["pid"]), entry["daemon_id"]
     for path in (daemon_run / ".virnucpro" / "registry").glob("*.json"):
         assert not pid_alive(json.loads(path.read_text())["pid"]), path.name
-    assert serve_processes(daemon_run) == []
+    assert daemons_in(daemon_run) == {}
     assert not (daemon_run / "results" / "daemons").exists()  # statistics and stop marker are temp()
 
 
@@ -305,7 +226,7 @@ def test_a_failing_job_stops_the_daemons_without_waiting_for_their_idle_timeout(
     assert result.returncode != 0
     assert "duplicate read ID" in result.stdout
     assert time.monotonic() - started < IDLE_TIMEOUT / 2
-    assert serve_processes(tmp_path) == []
+    assert daemons_in(tmp_path) == {}
 
 
 @pytest.mark.slow

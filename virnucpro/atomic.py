@@ -37,6 +37,10 @@ def atomic_path(path: Path, *, replace: bool = True, permissions: int = 0o644) -
             os.replace(temporary, path)
         else:
             os.link(temporary, path)  # fails (FileExistsError) if path exists: never overwrites
+    except OSError as error:
+        if error.filename is None or error.filename == str(temporary):
+            error.filename = str(path)  # name the file being written, not its temporary
+        raise
     finally:
         temporary.unlink(missing_ok=True)
 

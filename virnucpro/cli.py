@@ -10,7 +10,7 @@ from pathlib import Path
 from virnucpro import __version__
 from virnucpro.engines.embed import MODEL_NAMES as MODEL_CHOICES
 from virnucpro.engines.embed import PRECISIONS
-from virnucpro.errors import UserError
+from virnucpro.errors import UserError, environmental
 from virnucpro.prep.chunk import EXPECTED_LENGTHS as LENGTHS
 from virnucpro.prep.shard import DEFAULT_SHARD_SIZE
 
@@ -426,6 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
     except UserError as error:
         print(f"virnucpro {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        cause = environmental(error)
+        if cause is None:
+            raise
+        print(f"virnucpro {args.command}: error: {cause}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"virnucpro {args.command}: interrupted", file=sys.stderr)

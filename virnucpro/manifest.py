@@ -8,7 +8,8 @@ undoes that.
 
 The manifest says what is true now: ``record_embed_failures`` replaces every entry of one shard and
 stage by that shard's latest outcome (none once it is embedded). Writers hold an exclusive ``flock`` on
-``<manifest>.lock`` and replace the file atomically, so a reader always sees a whole manifest.
+``<manifest>.lock`` and append in one write, or replace the file atomically when entries go; readers
+hold a shared one, so they always see whole entries.
 """
 
 from __future__ import annotations
@@ -46,9 +47,7 @@ def unescape_field(field: str) -> str:
 def append_failure(path: Path, **fields: object) -> None:
     """Add one entry (missing fields empty, ``time`` now), creating the manifest if needed."""
     with _locked(path):
-        entries = _read(Path(path))
-        entries.append(_entry(fields))
-        _write(Path(path), entries)
+        _append(Path(path), [_entry(fields)])
 
 
 def record_embed_failures(
@@ -77,13 +76,20 @@ def record_embed_failures(
     if not new and not path.exists():
         return
     with _locked(path):
-        kept = [entry for entry in _read(path) if any(entry[name] != value for name, value in key.items())]
-        _write(path, kept + new)
+        entries = _read(path)
+        kept = [entry for entry in entries if any(entry[name] != value for name, value in key.items())]
+        if len(kept) == len(entries):
+            _append(path, new)  # nothing to take back: no rewrite
+        else:
+            _write(path, kept + new)
 
 
 def read_failures(path: Path) -> list[dict[str, str]]:
     """All entries of a manifest as dicts keyed by ``MANIFEST_COLUMNS``; a missing file has none."""
-    return _read(Path(path))
+    if not Path(path).exists():
+        return []
+    with _locked(path, shared=True):
+        return _read(Path(path))
 
 
 def _entry(fields: dict) -> dict[str, str]:
@@ -95,15 +101,33 @@ def _entry(fields: dict) -> dict[str, str]:
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, shared: bool = False) -> Iterator[None]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        fcntl.flock(descriptor, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(descriptor)
+
+
+def _append(path: Path, entries: list[dict[str, str]]) -> None:
+    """Append entries in one write (the header first if the file is new or empty); under the lock."""
+    if not entries:
+        return
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        header = HEADER if os.fstat(descriptor).st_size == 0 else ""
+        data = (header + "".join(_line(entry) for entry in entries)).encode("utf-8")
+        while data:
+            data = data[os.write(descriptor, data) :]
+    finally:
+        os.close(descriptor)
+
+
+def _line(entry: dict[str, str]) -> str:
+    return "\t".join(escape_field(entry[column]) for column in MANIFEST_COLUMNS) + "\n"
 
 
 def _read(path: Path) -> list[dict[str, str]]:
@@ -125,5 +149,4 @@ def _read(path: Path) -> list[dict[str, str]]:
 
 
 def _write(path: Path, entries: list[dict[str, str]]) -> None:
-    lines = ["\t".join(escape_field(entry[column]) for column in MANIFEST_COLUMNS) + "\n" for entry in entries]
-    atomic.write_text(path, HEADER + "".join(lines))
+    atomic.write_text(path, HEADER + "".join(_line(entry) for entry in entries))

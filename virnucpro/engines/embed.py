@@ -6,13 +6,14 @@ one row per ID in the order of the FASTA file, readable with ``torch.load(path, 
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from virnucpro.atomic import atomic_path
-from virnucpro.errors import UserError
+from virnucpro.atomic import atomic_output
+from virnucpro.errors import UserError, environmental
 from virnucpro.fasta import read_fasta
 
 if TYPE_CHECKING:
@@ -157,6 +158,9 @@ def embed_shard(
     try:
         summary = embed_records(embedder, Path(input_path), Path(output))
     except Exception as error:
+        cause = environmental(error)
+        if cause is not None:  # the machine, not the shard: nothing recorded, nothing written
+            raise cause from None
         if manifest is not None:
             message = str(error).strip() or repr(error)
             record_embed_failures(manifest, **shard_key, shard_error=(type(error).__name__, message, 1))
@@ -186,8 +190,10 @@ def write_embeddings(path: Path, ids: list[str], vectors: torch.Tensor, *, repla
 
     if vectors.shape[0] != len(ids):
         raise ValueError(f"{len(ids)} IDs but {vectors.shape[0]} embedding rows")
-    with atomic_path(Path(path), replace=replace) as temporary:
-        torch.save({"ids": list(ids), "embeddings": vectors.detach().to("cpu", torch.float32).contiguous()}, temporary)
+    buffer = io.BytesIO()  # serialized in memory, so that a failed write is a plain OSError (e.g. no space)
+    torch.save({"ids": list(ids), "embeddings": vectors.detach().to("cpu", torch.float32).contiguous()}, buffer)
+    with atomic_output(Path(path), "wb", replace=replace) as handle:
+        handle.write(buffer.getbuffer())
 
 
 def read_embeddings(path: Path) -> tuple[list[str], torch.Tensor]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import zmq
 
 from virnucpro.engines.embed import canonical_model_name
-from virnucpro.errors import UserError
+from virnucpro.errors import EnvironmentalError, UserError
 from virnucpro.manifest import record_embed_failures
 from virnucpro.serving import registry
 from virnucpro.serving.protocol import SIGNS_OF_LIFE, EmbedRequest, Op, Reply, State, decode_reply, encode, kind_of
@@ -216,6 +216,8 @@ def request_embedding(
                          reply.get("sequences"), reply.get("tokens"), reply.get("seconds") or 0.0,
                          ", done before" if reply.get("cached") else "")  # fmt: skip
                 return True
+            if kind is Reply.FAILED and reply.get("environmental"):  # not the shard: never recorded as bad
+                raise EnvironmentalError(f"daemon {daemon} could not embed {input_path}: {reply.get('message')}")
             if kind is Reply.FAILED:
                 return failed_for_good(f"{input_path}: daemon {daemon} could not embed it with {model}: "
                                        f"{reply.get('error_class')}: {reply.get('message')}")  # fmt: skip

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import resource
 import signal
 import socket
 import threading
@@ -24,6 +25,7 @@ from virnucpro.engines.embed import canonical_model_name
 from virnucpro.errors import UserError
 from virnucpro.fingerprint import model_fingerprint
 from virnucpro.serving import registry, transport
+from virnucpro.serving.confine import Confinement
 from virnucpro.serving.protocol import (
     EmbedRequest, Op, ProtocolError, Reply, State, encode, parse_request, request_id, short,
 )  # fmt: skip
@@ -40,15 +42,17 @@ HEARTBEAT_SECONDS = 2.0  # a progress reply to every requester of an accepted sh
 REGISTRY_REFRESH_SECONDS = 5.0  # the registry entry's heartbeat (serve jobs and clients watch its age)
 STOP_FILE_CHECK_SECONDS = 1.0
 DRAIN_GRACE_SECONDS = 25.0  # below SLURM's default KillWait of 30 s
+DESCRIPTOR_LIMIT = 65536
 DAEMON_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class Daemon:
     def __init__(self, *, model: str, weights: Path, device: str, precision: str, run: RunDir, daemon_id: str,
-                 roots: list[str], idle_timeout: float, cache_clear_every: int, stop_file: Path,
+                 roots: list[Path], idle_timeout: float, cache_clear_every: int, stop_file: Path,
                  max_queue: int, drain_grace: float, transport: str, bind_host: str):  # fmt: skip
         self.model, self.weights, self.device, self.precision = model, Path(weights), device, precision
-        self.rundir, self.daemon_id, self.roots = run, daemon_id, roots
+        self.rundir, self.daemon_id = run, daemon_id
+        self.confinement = Confinement(roots, never_write=[run.root, self.weights])
         self.fingerprint = model_fingerprint(self.weights)
         self.idle_timeout, self.max_queue, self.drain_grace = idle_timeout, max(1, max_queue), drain_grace
         self.cache_clear_every = max(1, cache_clear_every)
@@ -56,6 +60,7 @@ class Daemon:
         self.stop_file = Path(stop_file)
         self.stop_token = read_token(self.stop_file)
         self.stop_file_checked = self.last_heartbeat = self.last_refresh = time.monotonic()
+        self.refresh_warned = -math.inf
         self.jobs: dict[str, Job] = {}
         self.running: str | None = None
         self.stop_reason: str | None = None
@@ -126,8 +131,8 @@ class Daemon:
         events.setsockopt(zmq.LINGER, 0)
         events.connect(self.events_endpoint)
         self.worker = Worker(model=self.model, weights=self.weights, device=self.device, precision=self.precision,
-                             daemon_id=self.daemon_id, run=self.rundir, cache_clear_every=self.cache_clear_every,
-                             post=events.send_json)  # fmt: skip
+                             daemon_id=self.daemon_id, run=self.rundir, confinement=self.confinement,
+                             cache_clear_every=self.cache_clear_every, post=events.send_json)  # fmt: skip
 
         def work() -> None:
             try:
@@ -154,11 +159,14 @@ class Daemon:
                     self._send(router, identity, {"reply": Reply.PROGRESS.value, "request_id": job.request_id,
                                                   "state": state, "seconds": round(now - job.accepted, 1)})  # fmt: skip
         if now - self.last_refresh >= REGISTRY_REFRESH_SECONDS:
-            self.last_refresh = now
             try:
                 self._publish()
-            except OSError as error:
-                log.warning("daemon %s: could not refresh the registry entry: %s", self.daemon_id, error)
+            except OSError as error:  # e.g. no descriptor free for a moment: tried again at the next pass
+                if now - self.refresh_warned >= REGISTRY_REFRESH_SECONDS:
+                    self.refresh_warned = now
+                    log.warning("daemon %s: could not refresh the registry entry: %s", self.daemon_id, error)
+            else:
+                self.last_refresh = now
 
     def _stop_file_changed(self) -> bool:
         now = time.monotonic()
@@ -220,7 +228,10 @@ class Daemon:
         if request.fingerprint not in (None, self.fingerprint):
             raise ProtocolError(f"daemon {self.daemon_id} holds {self.model} {self.fingerprint} ({self.weights}), "
                                 f"not the requested {short(request.fingerprint)}")  # fmt: skip
-        input_path, output_path = self._allowed(request.input, "input"), self._allowed(request.output, "output")
+        input_path = self.confinement.check(request.input, "input")
+        output_path = self.confinement.check(request.output, "output")
+        if output_path == input_path:
+            raise ProtocolError(f"output path '{short(request.output)}' is the input: refused")
         rid = request_id(self.model, self.fingerprint, self.precision, input_path, output_path)
         if request.request_id not in (None, rid):
             raise ProtocolError(f"request_id {short(request.request_id)} does not match this shard, model "
@@ -245,7 +256,7 @@ class Daemon:
             return {"reply": Reply.BUSY.value, "retry_after": self._retry_after(),
                     "message": f"{len(self.jobs)} shard(s) queued, the limit is {self.max_queue}"}  # fmt: skip
         job = Job(rid, input_path, output_path, request.sample, request.shard, request.attempt, deadline,
-                  requesters=[identity])  # fmt: skip
+                  requesters=[identity], replace=os.path.lexists(output_path))  # fmt: skip
         self.jobs[rid] = job
         self.counters.peak_queued = max(self.counters.peak_queued, len(self.jobs))
         if request.attempt > 1:
@@ -257,15 +268,6 @@ class Daemon:
     def _retry_after(self) -> float:
         """Seconds until a queue slot is likely free: the mean time of a shard so far (0.5 to 30 s)."""
         return round(min(30.0, max(0.5, self.counters.mean_shard_seconds())), 2)
-
-    def _allowed(self, path: str, what: str) -> str:
-        """The real path of a request's file, if it lies under an allowed root."""
-        if not os.path.isabs(path):
-            raise ProtocolError(f"{what} path '{short(path)}' must be absolute")
-        real = os.path.realpath(path)
-        if not any(os.path.commonpath([real, root]) == root for root in self.roots):
-            raise ProtocolError(f"{what} path '{short(path)}' is outside the allowed roots ({', '.join(self.roots)})")
-        return real
 
     def _send(self, router: zmq.Socket, identity: bytes, reply: dict) -> None:
         reply["daemon_id"] = self.daemon_id
@@ -397,10 +399,11 @@ def serve(
     if not Path(weights).exists():
         raise UserError(f"{weights}: model not found")
     run = RunDir(run_dir)
+    _raise_descriptor_limit()
     _wait_for_predecessor(run, daemon_id, drain_grace + 10.0)
     daemon = Daemon(
         model=model, weights=weights, device=device, precision=precision, run=run, daemon_id=daemon_id,
-        roots=[os.path.realpath(root) for root in allowed_roots], idle_timeout=idle_timeout,
+        roots=list(allowed_roots), idle_timeout=idle_timeout,
         cache_clear_every=cache_clear_every, stop_file=stop_file or run.stop_file, max_queue=max_queue,
         drain_grace=drain_grace, transport=transport, bind_host=bind_host,
     )  # fmt: skip
@@ -434,6 +437,16 @@ def serve(
         time.sleep(0.5)
         logging.shutdown()
         os._exit(0)
+
+
+def _raise_descriptor_limit() -> None:
+    """Raise the soft limit on open files to the hard one (at most DESCRIPTOR_LIMIT): connections that
+    never authenticate hold descriptors until their handshake times out, and the daemon must still be able
+    to open its shards and refresh its registry entry meanwhile."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = DESCRIPTOR_LIMIT if hard == resource.RLIM_INFINITY else min(hard, DESCRIPTOR_LIMIT)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _wait_for_predecessor(run: RunDir, daemon_id: str, wait: float) -> None:

@@ -5,8 +5,9 @@ Two sides, both written down there as rules and tested on real snakemake runs:
 - ``RunWatch``, in the workflow's main snakemake process: at start it stops whatever an earlier run
   left, records this run's settings and stop-token baseline, then beats the run's heartbeat, watches
   snakemake's job events, and tells the daemons to stop (a fresh stop token) once the run has nothing
-  left for them: nothing but serve jobs running for ``idle_timeout`` seconds, or for a few seconds
-  after a job failed; and at once on SIGINT, SIGTERM or SIGHUP.
+  left for them: nothing but serve jobs running for ``idle_timeout`` seconds; a few seconds after a
+  job failed, when no job started since (without ``--keep-going`` snakemake starts none but retries),
+  or nothing but serve jobs ran for those seconds (with it); at once on SIGINT, SIGTERM or SIGHUP.
 - ``serve_job``, the command of a serve job (``virnucpro serve-job``): runs the daemon as its child
   and ends it when the run is gone (heartbeat), when it outlives a stop, or when it freezes (SIGKILL,
   which a stopped process cannot ignore); then says what became of it in its exit status: 0 with
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_EVERY = 2.0  # seconds between two heartbeats of the run
 CHECK_EVERY = 0.5  # seconds between two checks of a serve job
-QUIET_AFTER_ERROR = 10.0  # seconds with nothing but serve jobs running, after a job failed, before the daemons stop
+AFTER_ERROR = 5.0  # seconds after a failed job (no other job started since) before the daemons stop
 LEFTOVER_WAIT = 120.0  # seconds to wait at start for the daemons of an earlier run to exit
 KILL_GRACE = 10.0  # seconds past its drain grace that a daemon may take to exit before it is killed
 EXIT_LOST_LAST = 1
@@ -64,7 +65,8 @@ class RunWatch:
         self.idle_timeout, self.keep_going = idle_timeout, keep_going
         self.settings, self.daemon_rules = settings, daemon_rules
         self.running: set[int] = set()  # IDs of the jobs running now, serve jobs left out
-        self.failed = False
+        self.failed_at: float | None = None  # when the last job (not a serve job) failed
+        self.started_at = 0.0  # when the last job (not a serve job) started
         self.quiet_since: float | None = None
         self.stopped = False
         self.lock = threading.Lock()
@@ -88,12 +90,13 @@ class RunWatch:
         if rule not in self.daemon_rules:
             with self.lock:
                 self.running.add(jobid)
+                self.started_at = time.monotonic()
 
     def job_ended(self, jobid: int, rule: str | None, failed: bool) -> None:
         with self.lock:
             self.running.discard(jobid)
             if failed and rule not in self.daemon_rules:
-                self.failed = True
+                self.failed_at = time.monotonic()
 
     def stop_daemons(self, why: str) -> None:
         if not self.stopped:
@@ -113,17 +116,20 @@ class RunWatch:
             time.sleep(HEARTBEAT_EVERY)
 
     def _check_quiet(self) -> None:
+        """Stop the daemons once the run has nothing left for them (see the module's doc)."""
         with self.lock:
-            busy, failed = bool(self.running), self.failed
+            busy, failed_at, started_at = bool(self.running), self.failed_at, self.started_at
         now = time.monotonic()
-        if busy or self.stopped:
-            self.quiet_since = None
+        self.quiet_since = None if busy else self.quiet_since or now
+        if self.stopped:
             return
-        self.quiet_since = self.quiet_since or now
-        limit = QUIET_AFTER_ERROR if failed else self.idle_timeout
-        if limit > 0 and now - self.quiet_since >= limit:
-            self.stop_daemons(f"no other job has run for {limit:.0f} s"
-                              + (" since a job failed" if failed else " (config key idle_timeout)"))  # fmt: skip
+        if failed_at is not None and not self.keep_going and started_at < failed_at and now - failed_at >= AFTER_ERROR:
+            self.stop_daemons("a job failed and the run does not keep going")
+        elif self.quiet_since is not None:
+            limit = AFTER_ERROR if failed_at is not None else self.idle_timeout
+            if limit > 0 and now - self.quiet_since >= limit:
+                self.stop_daemons(f"no other job has run for {limit:.0f} s"
+                                  + (" since a job failed" if failed_at else " (config key idle_timeout)"))  # fmt: skip
 
     def _on_signal(self, previous):
         def handler(number, frame):

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 TRANSPORTS = ("ipc", "tcp")
 SOCKET_PATH_LIMIT = 100  # bytes; sun_path holds 108 on Linux, 104 on macOS, with the final NUL
 SEND_TIMEOUT_MS = 2000
+HANDSHAKE_SECONDS = 5.0  # tcp: time a connecting peer has to complete the CURVE handshake
 KEY_NAMES = ("server", "client")
 ZAP_DOMAIN = "virnucpro"
 
@@ -95,10 +96,44 @@ def _bind_tcp(context: zmq.Context, run: RunDir, router: zmq.Socket, bind_host: 
     auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=_AllowKeys({client_public}))
     router.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
     router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+    # A peer that connects but does not complete the CURVE handshake (no key, a port scan, a flood of raw
+    # connections) is dropped after HANDSHAKE_SECONDS, so that such peers cannot pile up descriptors.
+    router.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_SECONDS * 1000))
+    router.setsockopt(zmq.TCP_KEEPALIVE, 1)
     router.curve_secretkey, router.curve_publickey, router.curve_server = secret, public, True
     port = router.bind_to_random_port(f"tcp://{bind_host}")
-    host = socket.gethostname() if bind_host in ("*", "0.0.0.0") else bind_host
+    # The address bound: an interface name (``ib0``, ``lo``) is resolved to that interface's address here.
+    bound = router.getsockopt(zmq.LAST_ENDPOINT).decode().removeprefix("tcp://").rsplit(":", 1)[0]
+    host = socket.gethostname() if bound in ("0.0.0.0", "[::]", "*") else bound
     return Binding(router, f"tcp://{host}:{port}", server_key=public.decode(), address=host, _auth=auth)
+
+
+def remove_dead_socket(run: RunDir, daemon_id: str, pid: int) -> Path | None:
+    """Remove the ``ipc`` socket file (and its temporary folder, if it had one) of daemon ``daemon_id``
+    whose process ``pid`` on this host is gone without closing it (SIGKILL); the path removed, if any.
+    For whoever watched the daemon die (its serve job): only the socket its registry entry names, only
+    in the run's ``sockets/`` or a temporary folder of ours, and only while that entry is still the
+    dead process's."""
+    from virnucpro.serving import registry
+
+    entry = registry.read_entry(run, daemon_id)
+    if (entry is None or entry.get("pid") != pid or entry.get("host") != socket.gethostname()
+            or registry.pid_alive(pid)):  # fmt: skip
+        return None
+    endpoint = str(entry.get("endpoint") or "")
+    if not endpoint.startswith("ipc://"):
+        return None
+    path = Path(endpoint.removeprefix("ipc://"))
+    folder = os.path.realpath(path.parent)
+    in_run = folder == os.path.realpath(run.sockets) and path.name == f"{daemon_id}.sock"
+    temporary = (os.path.dirname(folder) == os.path.realpath(tempfile.gettempdir())
+                 and path.parent.name.startswith("virnucpro-") and path.name == f"{daemon_id[:40]}.sock")  # fmt: skip
+    if not (in_run or temporary) or not os.path.lexists(path):
+        return None
+    path.unlink(missing_ok=True)
+    if temporary:
+        shutil.rmtree(path.parent, ignore_errors=True)
+    return path
 
 
 class _AllowKeys:
@@ -164,7 +199,7 @@ def ask_all(context: zmq.Context, run: RunDir, entries: list[dict], message: dic
             sock.close(linger=0)
 
 
-def curve_keys(run: RunDir, name: str, create: bool = False) -> tuple[bytes, bytes]:
+def curve_keys(run: RunDir | Path | str, name: str, create: bool = False) -> tuple[bytes, bytes]:
     """The run's CURVE key pair ``name`` (``server`` or ``client``) as Z85 (public, secret).
 
     With ``create``, a missing pair is made (safely, if several daemons start at once). A key file
@@ -172,6 +207,7 @@ def curve_keys(run: RunDir, name: str, create: bool = False) -> tuple[bytes, byt
     """
     if name not in KEY_NAMES:
         raise ValueError(f"unknown key pair {name!r}")
+    run = run if isinstance(run, RunDir) else RunDir(run)
     if create:
         private_dir(run.keys)
     path = run.key(name)

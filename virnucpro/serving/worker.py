@@ -22,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from virnucpro.errors import UserError
+from virnucpro.errors import UserError, environmental
 from virnucpro.manifest import record_embed_failures
+from virnucpro.serving.confine import Confinement
 from virnucpro.serving.protocol import Reply
 from virnucpro.serving.rundir import RunDir, private_dir
 
@@ -43,6 +44,7 @@ class Job:
     deadline: float = math.inf  # time.monotonic(); dropped (``expired``) if it has not started by then
     accepted: float = field(default_factory=time.monotonic)
     requesters: list[bytes] = field(default_factory=list)
+    replace: bool = False  # its output existed when it was asked for: redo it (else never overwrite one)
 
     @property
     def label(self) -> str:
@@ -53,9 +55,9 @@ class Worker:
     """Owns the model; ``run`` (in its own thread) loads it, then takes jobs until ``close``."""
 
     def __init__(self, *, model: str, weights: Path, device: str, precision: str, daemon_id: str, run: RunDir,
-                 cache_clear_every: int, post: Callable[[dict], None]):  # fmt: skip
+                 confinement: Confinement, cache_clear_every: int, post: Callable[[dict], None]):  # fmt: skip
         self.model, self.weights, self.device, self.precision = model, Path(weights), device, precision
-        self.daemon_id, self.rundir = daemon_id, run
+        self.daemon_id, self.rundir, self.confinement = daemon_id, run, confinement
         self.cache_clear_every = max(1, cache_clear_every)
         self.post = post
         self.queue: queue.Queue[Job | None] = queue.Queue()
@@ -159,10 +161,14 @@ class Worker:
 
         clears, started = 0, time.monotonic()
         shard_key = {"sample": job.sample, "stage": f"embed_{self.model}", "shard": job.shard}
-        replace = os.path.lexists(job.output)  # asked to redo an existing file; else never overwrite a newcomer
         for attempt in (1, 2):
+            names: dict[str, str] = {}  # descriptor paths -> the files' names, for messages
             try:
-                summary = embed_records(embedder, Path(job.input), Path(job.output), replace=replace)
+                with self.confinement.open_input(job.input) as source, self.confinement.output_folder(job.output) as folder:
+                    target = folder / os.path.basename(job.output)
+                    replace = job.replace  # decided when asked: an output that appears meanwhile is kept
+                    names.update({str(source): job.input, str(folder): os.path.dirname(job.output)})
+                    summary = embed_records(embedder, source, target, replace=replace)
             except FileExistsError:
                 log.info("daemon %s: shard %s was written by another daemon meanwhile; keeping that file",
                          self.daemon_id, job.label)  # fmt: skip
@@ -174,9 +180,14 @@ class Worker:
                                 job.input)  # fmt: skip
                     clears += self._clear_cache()
                     continue
+                cause = environmental(error)
+                message = _named(str(cause or error).strip() or repr(error), names)
+                if cause is not None:  # the machine, not the shard: no manifest entry; the client fails the job
+                    log.error("daemon %s: shard %s: %s", self.daemon_id, job.label, message)
+                    return {"reply": Reply.FAILED.value, "error_class": type(cause).__name__, "message": message,
+                            "attempts": 1, "environmental": True}, clears  # fmt: skip
                 if not isinstance(error, UserError):
                     log.exception("daemon %s: embedding %s failed", self.daemon_id, job.input)
-                message = str(error).strip() or repr(error)
                 attempts = job.attempt - 1 + attempt
                 self._record(shard_key, shard_error=(type(error).__name__, message, attempts))
                 if clear_after:
@@ -208,6 +219,13 @@ class Worker:
         return 1
 
 
+def _named(message: str, names: dict[str, str]) -> str:
+    """A message with the descriptor paths that files were used through replaced by the files' names."""
+    for descriptor, name in sorted(names.items(), key=lambda item: -len(item[0])):
+        message = message.replace(descriptor, name)
+    return message
+
+
 def done_record(path: Path, output: str) -> dict | None:
     """The ``done`` reply recorded for a request, if there is one and its output file still exists."""
     try:
@@ -217,3 +235,33 @@ def done_record(path: Path, output: str) -> dict | None:
     if isinstance(record, dict) and record.get("reply") == Reply.DONE and os.path.exists(output):
         return record
     return None
+
+
+def prune_request_records(run: RunDir) -> int:
+    """Remove the request records (``RUN/requests/*.json``) that no daemon holds locked (one that computes
+    a shard holds its record's lock until it is done); the number removed. Called when a run starts, so
+    that the folder does not grow by one file per shard and model forever; a shard asked for again
+    afterwards is computed again, or found done by its output file."""
+    try:
+        paths = sorted(run.requests.glob("*.json"))
+    except OSError:
+        return 0
+    removed = 0
+    for path in paths:
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone already, or not a plain record
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(descriptor)  # a daemon is on this shard
+            continue
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(descriptor)
+    return removed

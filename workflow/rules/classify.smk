@@ -7,7 +7,7 @@ rule classify_shard:
         nucleotide="results/{sample}/work/shards/{shard}.fa",
         dnabert_s="results/{sample}/work/embeddings/{shard}.dnabert_s.pt",
         esm2="results/{sample}/work/embeddings/{shard}.esm2.pt",
-        classifier=config["models"]["classifier"],
+        classifier=get_model_file("classifier"),
     output:
         "results/{sample}/work/predictions/{shard}.tsv",
     params:

@@ -19,7 +19,9 @@ from virnucpro.serving.supervise import RunWatch, clear_stale_outputs, new_sessi
 
 MODELS = ("esm2", "dnabert_s")
 SAMPLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-RESERVED_SAMPLE_NAMES = {"daemons"}  # results/daemons/ holds the daemons' statistics
+# The workflow's own entries directly under results/ (not per sample): a sample of the same name would put
+# results/{sample}/ on or in them. Compared without letter case (case-insensitive file systems).
+RESERVED_SAMPLE_NAMES = {"daemons", "run_stats.json", "daemons.png"}
 SAMPLE_OUTPUTS = (
     "prediction_results.txt",
     "prediction_results_highestscore.csv",
@@ -88,8 +90,10 @@ def load_samples(config):
                 )
             samples[name] = fasta
     for name, fasta in samples.items():
-        if name in RESERVED_SAMPLE_NAMES:
-            raise WorkflowError(f"sample name '{name}' is reserved (results/{name}/ is the workflow's); rename the sample")
+        if name.casefold() in {reserved.casefold() for reserved in RESERVED_SAMPLE_NAMES}:
+            raise WorkflowError(
+                f"sample name '{name}' is reserved (results/{name} is the workflow's own output); rename the sample"
+            )
         if not SAMPLE_NAME.fullmatch(name):
             raise WorkflowError(
                 f"sample name '{name}' is not allowed: use letters, digits, '.', '_' and '-', "
@@ -212,8 +216,13 @@ def get_daemon(key):
     return lambda wildcards: DAEMONS[wildcards.daemon][key]
 
 
+def get_model_file(model):
+    """A model as an input: its fingerprint (a param) decides what is redone, never its timestamps."""
+    return ancient(config["models"][model])
+
+
 def get_daemon_weights(wildcards):
-    return config["models"][DAEMONS[wildcards.daemon]["model"]]
+    return get_model_file(DAEMONS[wildcards.daemon]["model"])
 
 
 def get_daemon_gpus(wildcards):
@@ -237,7 +246,7 @@ def get_model_fingerprint(model):
 
 def get_embed_weights(model):
     """The model as an input of in-process embedding jobs (daemon mode: the daemon holds it)."""
-    return [] if DAEMON_MODE else [config["models"][model]]
+    return [] if DAEMON_MODE else [get_model_file(model)]
 
 
 def get_embed_gpus(model):

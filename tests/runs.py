@@ -1,0 +1,215 @@
+"""Helpers of the tests that run the workflow: real snakemake processes on the demo reads, and what
+a test needs to watch them (processes, embeddings, outputs). Plain functions; the fixtures are in
+conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+DEMO_READS = REPO / "tests" / "data" / "demo_reads.fa"
+BIN = Path(sys.executable).parent
+SAMPLE_OUTPUTS = ("prediction_results.txt", "prediction_results_highestscore.csv", "reads.tsv", "failures.tsv")
+COMPARED = ("prediction_results.txt", "prediction_results_highestscore.csv", "reads.tsv")
+ABSENT_MODELS = {"esm2": "absent/esm2.pt", "dnabert_s": "absent/DNABERT-S", "classifier_500": "absent/500_model.pth"}
+IDLE_TIMEOUT = 300  # far above a run's length: a daemon that only stops by idling makes a test fail
+
+
+def snakemake_env() -> dict[str, str]:
+    """This environment, with this virtualenv's bin first on PATH (the rules call virnucpro)."""
+    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+
+
+def snakemake_command(workdir: Path, *args: str) -> list[str]:
+    return [str(BIN / "snakemake"), "--snakefile", str(SNAKEFILE), "--directory", str(workdir), *args]
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run snakemake on the workflow in `workdir` (environment: `snakemake_env()` unless given); its
+    stdout and stderr together are in `.stdout`."""
+    return subprocess.run(
+        snakemake_command(workdir, *args), cwd=workdir, env=env or snakemake_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def run_workflow(workdir: Path, *args: str, cores: int = 3, timeout: float = 600) -> subprocess.CompletedProcess:
+    """A run of the workflow with `workdir`'s config.yaml."""
+    return snakemake(workdir, "--cores", str(cores), "--configfile", str(workdir / "config.yaml"), *args,
+                     timeout=timeout)  # fmt: skip
+
+
+def write_config(workdir: Path, models: dict[str, Path], samples: dict[str, str], **keys) -> Path:
+    config = {
+        "samples": samples,
+        "length": 500,
+        "models": {
+            "esm2": str(models["esm2"]),
+            "dnabert_s": str(models["dnabert_s"]),
+            "classifier": str(models["classifier_500"]),
+        },
+        "shard_size": 25,
+        "idle_timeout": IDLE_TIMEOUT,
+        **keys,
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_run(workdir: Path, *args: str, cores: int = 3) -> subprocess.Popen:
+    """Start snakemake with `workdir`'s config.yaml in its own session (so that a test can kill it and all
+    it started); its output goes to `workdir`/snakemake.out."""
+    log = open(workdir / "snakemake.out", "w")
+    return subprocess.Popen(
+        snakemake_command(workdir, "--cores", str(cores), "--configfile", str(workdir / "config.yaml"), *args),
+        cwd=workdir, env=snakemake_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+
+
+def run_output(workdir: Path) -> str:
+    return (workdir / "snakemake.out").read_text()
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, run: subprocess.Popen | None = None):
+    """Poll `condition` until it is true (its value is returned); fail with `what` after `timeout` seconds,
+    or as soon as `run` has exited."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if run is not None and run.poll() is not None:
+            raise AssertionError(f"the run ended (status {run.returncode}) before: {what}\n{run_output_of(run)}")
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.1)
+    return value
+
+
+def run_output_of(run: subprocess.Popen) -> str:
+    path = Path(run.args[run.args.index("--directory") + 1]) / "snakemake.out"
+    return path.read_text()[-8000:] if path.exists() else ""
+
+
+def embeddings(workdir: Path, sample: str = "demo") -> list[Path]:
+    return sorted((workdir / "results" / sample / "work" / "embeddings").glob("*.pt"))
+
+
+def wait_for_embeddings(workdir: Path, run: subprocess.Popen, count: int, sample: str = "demo") -> None:
+    """Wait until `count` embedding files exist (the run is in the middle of its embeddings)."""
+    wait_until(lambda: len(embeddings(workdir, sample)) >= count, 300, f"{count} embedding files", run)
+
+
+def shard_count(workdir: Path, sample: str = "demo") -> int:
+    return len(list((workdir / "results" / sample / "work" / "shards").glob("shard_*.fa")))
+
+
+def read_ids(fasta: Path) -> list[str]:
+    with open(fasta) as handle:
+        return [line[1:].split()[0] for line in handle if line.startswith(">")]
+
+
+def line_with(text: str, needle: str) -> str:
+    """The one line of `text` that contains `needle` (fails if there is none)."""
+    lines = [line for line in text.splitlines() if needle in line]
+    assert lines, f"no line contains {needle!r} in:\n{text}"
+    return lines[0]
+
+
+def run_stats(workdir: Path) -> dict:
+    return json.loads((workdir / "results" / "run_stats.json").read_text())
+
+
+def assert_same_outputs(workdir: Path, reference: Path, sample: str = "demo") -> None:
+    """The sample's compared outputs are byte-identical to those of the reference run."""
+    for name in COMPARED:
+        expected = (reference / "results" / sample / name).read_bytes()
+        assert (workdir / "results" / sample / name).read_bytes() == expected, name
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def processes_in(workdir: Path) -> dict[int, str]:
+    """Live processes working in `workdir` (their current directory), with their command lines."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.readlink(proc / "cwd") == str(workdir):
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return found
+
+
+def daemons_in(workdir: Path) -> dict[int, str]:
+    """The model daemons (`virnucpro serve`, the children of serve jobs) working in `workdir`."""
+    return {pid: line for pid, line in processes_in(workdir).items() if "virnucpro serve " in line}
+
+
+def daemon_pids(workdir: Path, daemon_id: str) -> list[int]:
+    return [pid for pid, line in daemons_in(workdir).items() if f"--daemon-id {daemon_id} " in line]
+
+
+def seconds_until_no_daemon(workdir: Path, since: float, limit: float) -> float:
+    """Seconds from `since` (monotonic) until no daemon works in `workdir`; fails after `limit`."""
+    while daemons_in(workdir):
+        assert time.monotonic() - since < limit, f"daemons still alive after {limit} s: {daemons_in(workdir)}"
+        time.sleep(0.1)
+    return time.monotonic() - since
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_bytes().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_all_in(workdir: Path) -> None:
+    """SIGKILL every process still working in `workdir` (a test's clean-up)."""
+    for pid in processes_in(workdir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def serve_processes(workdir: Path) -> list[str]:
+    """Command lines of live `virnucpro serve` (and `serve-job`) processes naming `workdir` in their arguments
+    (where they run from another working directory, e.g. as SLURM jobs)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = b" ".join(args).decode(errors="replace")
+        if "virnucpro" in text and (b"serve" in args[1:] or b"serve-job" in args[1:]) and str(workdir) in text:
+            found.append(text)
+    return found
