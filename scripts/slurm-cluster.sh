@@ -14,8 +14,9 @@
 #   scripts/slurm-cluster.sh status       say whether the cluster answers (and the nodes' addresses)
 #   scripts/slurm-cluster.sh kill-node NODE
 #                                         the loss of a node (--nodes only): kill every process in its
-#                                         namespace (slurmd and its jobs) and cut its link; SLURM marks
-#                                         it DOWN after SlurmdTimeout (10 s), its jobs end in NODE_FAIL
+#                                         namespace at once (slurmd and its jobs) and cut its link; SLURM
+#                                         marks it DOWN after SlurmdTimeout (10 s; 30 s in all here) and
+#                                         its jobs end NODE_FAIL (JobRequeue=0: not requeued)
 #   scripts/slurm-cluster.sh revive-node NODE
 #                                         link up and slurmd again; the node returns to service
 #
@@ -26,26 +27,28 @@
 # of snakemake runs them) drop $SLURM_CONF and read the default path. Elsewhere SLURM_CONF points the
 # SLURM commands at the configuration (`start` prints the line last). Needs root: the daemons run as
 # root (SlurmUser=root), as the jobs do. One cluster at a time: `start` refuses while a cluster of the
-# other kind (one node / --nodes) runs from the same folder.
+# other kind (one node / --nodes) runs from the same folder; `stop` stops either.
 #
 # The single node is this machine (its host name, 127.0.0.1): it declares CPUS (default 8) CPUs whatever
 # the machine has (SlurmdParameters=config_overrides), REAL_MEMORY_MB (default 8000) of memory, and no
 # GPU; accounting is off, so job states come from squeue (kept MinJobAge=600 s after a job ends).
 # Ports: VIRNUCPRO_SLURM_PORT (slurmctld, default 16817) and the next one (slurmd).
 #
-# With --nodes N, this machine is the login node (slurmctld, munged, the SLURM commands, snakemake): it
-# gets address .1 of a private /24 on a bridge, vnpbr0; node<i> is the network namespace vnp-node<i>
-# (its end of a veth pair, vnp-node<i>, on the bridge) with address .(10+i), the host name node<i> (its
-# own UTS namespace) and a slurmd started as `slurmd -N node<i>`; the jobs it starts run in the same
-# namespaces (their `hostname` says node<i>). The /24 is the first of 10.213.0.0/24, 10.213.1.0/24, ...,
-# 172.31.x.0/24, 192.168.213.0/24, ... that overlaps no route or address of this machine (or
-# VIRNUCPRO_SLURM_SUBNET, checked the same way); nothing is routed or forwarded beyond it. `start` adds
-# the nodes' names to /etc/hosts (lines ending "# virnucpro-slurm-cluster", removed by `stop`), so that
-# node<i> resolves on the login node as on a cluster. The file system (and munge's socket) is shared.
-# Each node declares CPUS CPUs, REAL_MEMORY_MB memory and Gres=gpu:GPUS_PER_NODE, backed in gres.conf
-# by stand-in device files $DIR/dev/node<i>/nvidia<k> (empty files: nothing opens them without
-# cgroups); SLURM sets CUDA_VISIBLE_DEVICES=<k> in a job for the GPU it was given. JobRequeue=0: a
-# batch job on a lost node ends NODE_FAIL, it is not requeued.
+# With --nodes N this machine is the login node (slurmctld, munged, the SLURM commands, snakemake), at
+# address .1 of a private /24 on a bridge, vnpbr0. node<i> is the network namespace vnp-node<i>, whose
+# eth0 (a veth pair; the other end, vnp-node<i>, is on the bridge) has address .(10+i), with a slurmd
+# started there in its own UTS namespace (host name node<i>) as `slurmd -N node<i>`: its jobs run in
+# those namespaces too (`hostname` says node<i>, `hostname -I` the node's address). The /24 is the
+# first of 10.213.0-15.0/24, 172.31.200-215.0/24, 192.168.213-228.0/24 that overlaps no route (the
+# default route aside) or address of this machine; VIRNUCPRO_SLURM_SUBNET=a.b.c.0/24 chooses one
+# (checked the same way). Nothing is routed, forwarded or NATed beyond it: the nodes have no default
+# route. `start` adds the nodes' names to /etc/hosts (lines ending "# virnucpro-slurm-cluster", removed
+# by `stop`), so that node<i> resolves on the login node as on a cluster. No mount namespace: the file
+# system (and munge's socket) is shared. Each node declares CPUS CPUs, REAL_MEMORY_MB memory and
+# Gres=gpu:GPUS_PER_NODE, backed in gres.conf by stand-in devices $DIR/dev/node<i>/nvidia<k>, copies of
+# /dev/null (slurmd wants a character or block device there); without cgroups nothing confines a job to
+# its device, but SLURM hands out distinct ones and sets CUDA_VISIBLE_DEVICES=<k> for the GPU a job got.
+# Scheduler: backfill (as on real clusters: a job waiting for a GPU does not hold up jobs that fit).
 set -euo pipefail
 
 dir="${VIRNUCPRO_SLURM_DIR:-/tmp/virnucpro-slurm}"
@@ -64,16 +67,19 @@ ns_prefix=vnp-       # network namespace and root-side veth of node<i>: vnp-node
 die() { echo "slurm-cluster: $*" >&2; exit 1; }
 say() { echo "slurm-cluster: $*"; }
 
-install_if_missing() {
+install_if_missing() {  # install_if_missing [nodes]: and iproute2 for a --nodes cluster
+    local packages="slurm-wlm munge"
+    [ -z "${1:-}" ] || packages="$packages iproute2"
     if command -v slurmctld > /dev/null && command -v slurmd > /dev/null && command -v munged > /dev/null \
-        && command -v sbatch > /dev/null; then
-        return
+        && command -v sbatch > /dev/null && { [ -z "${1:-}" ] || command -v ip > /dev/null; }; then
+        return 0
     fi
-    [ "$(id -u)" -eq 0 ] || die "slurm-wlm and munge are not installed; as root run: apt-get install slurm-wlm munge"
+    [ "$(id -u)" -eq 0 ] || die "slurm-wlm and munge are not installed; as root run: apt-get install $packages"
     command -v apt-get > /dev/null || die "slurm-wlm and munge are not installed and there is no apt-get"
-    echo "slurm-cluster: installing slurm-wlm and munge (apt-get)"
+    echo "slurm-cluster: installing $packages (apt-get)"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge > /dev/null
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages > /dev/null
 }
 
 write_common_config() {  # write_common_config SLURMCTLD_ADDRESS: what both kinds of cluster share
@@ -126,7 +132,11 @@ CONF
 # ---------------------------------------------------------------------------------------------------
 # State shared by both kinds: which kind runs ($dir/kind), and whether it answers.
 
-pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2> /dev/null)" 2> /dev/null; }
+pid_alive() {  # pid_alive PID_FILE: its process runs (a zombie, not yet reaped by init, does not)
+    local pid
+    pid="$(cat "$1" 2> /dev/null)" && [[ "$pid" =~ ^[0-9]+$ ]] && [ -r "/proc/$pid/stat" ] \
+        && [ "$(sed 's/.*) //' "/proc/$pid/stat" 2> /dev/null | cut -c1)" != Z ] 2> /dev/null
+}
 
 running_kind() {  # the kind of cluster whose slurmctld runs from $dir ("single" or "nodes"), else nothing
     pid_alive "$dir/run/slurmctld.pid" || return 0
@@ -141,11 +151,15 @@ refuse_other_kind() {  # refuse_other_kind KIND
     fi
 }
 
-wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
-    local seconds=$1 what=$2
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND until it succeeds (status 0), up
+    local seconds=$1 what=$2 deadline status  # to SECONDS; status 2 or more: it never will
     shift 2
-    for _ in $(seq $((seconds * 2))); do
-        if "$@" > /dev/null 2>&1; then return 0; fi
+    deadline=$((SECONDS + seconds))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        status=0
+        "$@" > /dev/null 2>&1 || status=$?
+        [ "$status" -ne 0 ] || return 0
+        [ "$status" -eq 1 ] || die "$what exited; logs: $dir/log/"
         sleep 0.5
     done
     die "$what did not come up within $seconds s; logs: $dir/log/"
@@ -164,7 +178,12 @@ start_munge_and_controller() {
         --pid-file="$dir/run/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge/munged.seed"
     wait_for 10 munged test -S "$dir/munge/munge.socket"
     slurmctld -c -f "$conf"
-    wait_for 30 slurmctld scontrol ping
+    wait_for 30 slurmctld controller_up
+}
+
+controller_up() {  # slurmctld answers (0), not yet (1), exited (2: its port taken, say)
+    if [ -f "$dir/run/slurmctld.pid" ] && ! pid_alive "$dir/run/slurmctld.pid"; then return 2; fi
+    scontrol ping > /dev/null 2>&1 || return 1
 }
 
 start_single() {
@@ -193,7 +212,7 @@ start() {
         --nodes) nodes="${2:-}"; [[ "$nodes" =~ ^[1-9][0-9]?$ ]] || die "--nodes wants a number of nodes (1-99)" ;;
         *) die "start takes no option but --nodes N" ;;
     esac
-    install_if_missing
+    install_if_missing "$nodes"
     export SLURM_CONF="$conf"
     mkdir -p "$dir"
     chmod 0700 "$dir"
@@ -222,11 +241,12 @@ stop_pid_file() {  # stop_pid_file PID_FILE: TERM, up to 10 s, then KILL
 
 stop_daemons() {
     local name
-    for name in slurmd slurmctld munged; do stop_pid_file "$dir/run/$name.pid"; done
+    for name in slurmctld slurmd munged; do stop_pid_file "$dir/run/$name.pid"; done
 }
 
 stop_all() {  # everything either kind of start makes, whatever state it is in
     local ns
+    stop_pid_file "$dir/run/slurmctld.pid"  # first: it would try to reach the nodes going away
     for ns in $(node_namespaces); do stop_namespace "$ns"; done
     stop_daemons
     remove_network
@@ -256,7 +276,7 @@ status() {
 
 node_namespaces() { ip netns list 2> /dev/null | awk '{print $1}' | grep "^${ns_prefix}node[0-9]*$" || true; }
 
-ip_to_int() { local IFS=.; set -- $1; echo $((($1 << 24) + ($2 << 16) + ($3 << 8) + $4)); }
+ip_to_int() { local a b c d; IFS=. read -r a b c d <<< "$1"; echo $(((a << 24) + (b << 16) + (c << 8) + d)); }
 
 overlaps() {  # overlaps NET/LEN NET[/LEN]
     local a=${1%/*} al=${1#*/} b=${2%/*} bl=32 len mask
@@ -283,7 +303,7 @@ choose_subnet() {  # the first candidate /24 that overlaps nothing this machine 
             if overlaps "$candidate" "$network"; then continue 2; fi
         done
         echo "${BASH_REMATCH[1]}"
-        return
+        return 0
     done
     die "every candidate subnet overlaps a route or address of this machine; set VIRNUCPRO_SLURM_SUBNET=a.b.c.0/24"
 }
@@ -341,6 +361,9 @@ write_gres_config() {  # write_gres_config N
 make_network() {  # make_network N PREFIX
     local count=$1 prefix=$2 i ns
     ip link add "$bridge" type bridge
+    # Traffic between nodes crosses the bridge: keep it out of iptables (br_netfilter), whose FORWARD
+    # policy may be DROP (Docker hosts). This bridge only; no global setting changes.
+    ip link set "$bridge" type bridge nf_call_iptables 0 nf_call_ip6tables 0 nf_call_arptables 0 2> /dev/null || true
     ip addr add "$prefix.1/24" dev "$bridge"
     ip link set "$bridge" up
     for i in $(seq "$count"); do
@@ -381,28 +404,34 @@ start_slurmd_in() {  # start_slurmd_in NODE: slurmd in the node's network namesp
     # slurmd wants to see even with proctrack/linuxproc ("Unable to initialize cgroup plugin").
     local name=$1
     mkdir -p "$dir/spool/$name"
+    # shellcheck disable=SC2016  # $1 and $@ are the inner shell's
     nsenter --net="/run/netns/$ns_prefix$name" unshare --uts sh -c 'hostname "$1" && shift && exec "$@"' sh "$name" \
         slurmd -f "$conf" -N "$name"
 }
 
-all_nodes_idle() {  # all_nodes_idle N
-    [ "$(sinfo -h -N -o '%N %t' | tr -d '*' | grep -c ' idle$')" -eq "$1" ]
+all_nodes_idle() {  # all_nodes_idle N: every node idle (0), not yet (1), a slurmd exited (2)
+    local i
+    for i in $(seq "$1"); do
+        if [ -f "$dir/run/slurmd-node$i.pid" ] && ! pid_alive "$dir/run/slurmd-node$i.pid"; then return 2; fi
+    done
+    [ "$(sinfo -h -N -o '%N %t' | tr -d '*' | grep -c ' idle$')" -eq "$1" ] || return 1
 }
 
 start_nodes() {  # start_nodes N
-    local count=$1 prefix i
+    local count=$1 prefix i k
+    [[ "$gpus" =~ ^[1-9][0-9]?$ ]] || die "GPUS_PER_NODE wants a number of GPUs (1-99)"
     refuse_other_kind nodes
     prefix="$(cat "$dir/subnet" 2> /dev/null || true)"
     if [ -n "$prefix" ] && [ "$(running_kind)" = nodes ] && write_nodes_config "$count" "$prefix" | cmp -s - "$conf" \
         && write_gres_config "$count" | cmp -s - "$dir/gres.conf" && all_nodes_idle "$count"; then
         say "already running ($conf)"
-        return
+        return 0
     fi
     stop_all
     trap 'echo "slurm-cluster: start failed, stopping what it started" >&2; stop_all' EXIT
     prefix="$(choose_subnet)"
     echo "$prefix" > "$dir/subnet"
-    rm -rf "$dir/state" "$dir/spool" "$dir/dev" "$dir/log"
+    rm -rf "${dir:?}/state" "${dir:?}/spool" "${dir:?}/dev" "${dir:?}/log"
     echo nodes > "$dir/kind"
     write_nodes_config "$count" "$prefix" > "$conf.new"
     write_gres_config "$count" > "$dir/gres.conf"
@@ -419,41 +448,46 @@ start_nodes() {  # start_nodes N
     say "running, login $node at $prefix.1, nodes node1..node$count at $prefix.11..$prefix.$((10 + count)), each $cpus CPUs and $gpus GPUs (logs: $dir/log/)"
 }
 
-stop_namespace() {  # stop_namespace NAMESPACE: end every process in it (TERM, up to 5 s, then KILL)
+namespace_pids() { mapfile -t pids < <(ip netns pids "$1" 2> /dev/null || true); }  # into $pids
+
+stop_namespace() {  # stop_namespace NAMESPACE: end every process in it (TERM, up to 2 s, then KILL)
     local ns=$1 pids
-    pids="$(ip netns pids "$ns" 2> /dev/null || true)"
-    [ -z "$pids" ] && return
-    kill $pids 2> /dev/null || true
-    for _ in $(seq 20); do
-        pids="$(ip netns pids "$ns" 2> /dev/null || true)"
-        [ -z "$pids" ] && return
+    namespace_pids "$ns"
+    [ "${#pids[@]}" -eq 0 ] && return 0
+    kill "${pids[@]}" 2> /dev/null || true
+    for _ in $(seq 8); do
+        namespace_pids "$ns"
+        [ "${#pids[@]}" -eq 0 ] && return 0
         sleep 0.25
     done
-    kill -KILL $pids 2> /dev/null || true
+    kill -KILL "${pids[@]}" 2> /dev/null || true
     for _ in $(seq 40); do
-        [ -z "$(ip netns pids "$ns" 2> /dev/null || true)" ] && return
+        namespace_pids "$ns"
+        [ "${#pids[@]}" -eq 0 ] && return 0
         sleep 0.25
     done
-    die "processes left in namespace $ns: $(ip netns pids "$ns" | tr '\n' ' ')"
+    die "processes left in namespace $ns: ${pids[*]}"
 }
 
 node_arg() {  # node_arg NAME: a node of the running --nodes cluster
     [ "$(id -u)" -eq 0 ] || die "needs root"
-    [[ "${1:-}" =~ ^node[0-9]+$ ]] && ip netns list | awk '{print $1}' | grep -qx "$ns_prefix$1" \
-        || die "no node ${1:-(none given)} of a --nodes cluster; nodes: $(node_namespaces | sed "s/^$ns_prefix//" | tr '\n' ' ')"
+    if ! [[ "${1:-}" =~ ^node[0-9]+$ ]] || ! node_namespaces | grep -qx "$ns_prefix$1"; then
+        die "no node ${1:-(none given)} of a --nodes cluster; nodes: $(node_namespaces | sed "s/^$ns_prefix//" | tr '\n' ' ')"
+    fi
 }
 
 kill_node() {  # kill_node NODE: the node is lost: all its processes die at once, its link goes down
     local name=$1 pids
     node_arg "$name"
-    pids="$(ip netns pids "$ns_prefix$name")"
-    [ -z "$pids" ] || kill -KILL $pids 2> /dev/null || true
+    namespace_pids "$ns_prefix$name"
+    [ "${#pids[@]}" -eq 0 ] || kill -KILL "${pids[@]}" 2> /dev/null || true
     ip link set "$ns_prefix$name" down
     for _ in $(seq 40); do
-        [ -z "$(ip netns pids "$ns_prefix$name")" ] && break
+        namespace_pids "$ns_prefix$name"
+        [ "${#pids[@]}" -eq 0 ] && break
         sleep 0.25
     done
-    [ -z "$(ip netns pids "$ns_prefix$name")" ] || die "processes left in $name: $(ip netns pids "$ns_prefix$name" | tr '\n' ' ')"
+    [ "${#pids[@]}" -eq 0 ] || die "processes left in $name: ${pids[*]}"
     rm -f "$dir/run/slurmd-$name.pid"
     say "killed $name (every process in its namespace) and cut its link"
 }

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,3 +21,92 @@ def test_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from virnucpro.testmodels import make_test_models
 
     return make_test_models(tmp_path_factory.mktemp("test-models"))
+
+
+# A test cluster of SLURM nodes in network namespaces (scripts/slurm-cluster.sh start --nodes N).
+
+CLUSTER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm-cluster.sh"
+CLUSTER_NODES = 2
+# Declared, not enforced (no cgroups): enough that the SLURM profile's requests fit as they are
+# (a serve job: one GPU with 8 CPUs and 32 GB), with room for CPU jobs beside two of them.
+NODE_CPUS = 16
+NODE_MEMORY_MB = 64000
+
+
+@dataclass
+class SlurmNodes:
+    """A running test cluster: this machine is the login node, node1..nodeN are network namespaces."""
+
+    env: dict[str, str]  # the environment that reaches it: SLURM_CONF, PATH
+    nodes: dict[str, str]  # node name -> its address
+    login_address: str  # this machine's address on the cluster's network (slurmctld's)
+
+    def command(
+        self, *args: str, timeout: float = 60, check: bool = True, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command with the cluster's environment (and these variables); fail on an error if `check`."""
+        result = subprocess.run(
+            args, env={**self.env, **env}, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check:
+            assert result.returncode == 0, f"{' '.join(args)}: {result.stdout}{result.stderr}"
+        return result
+
+    def script(
+        self, *args: str, timeout: float = 300, check: bool = True, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        """scripts/slurm-cluster.sh with these arguments."""
+        return self.command("bash", str(CLUSTER_SCRIPT), *args, timeout=timeout, check=check, **env)
+
+    def sbatch(self, *args: str) -> str:
+        """Submit a batch job (sbatch options and --wrap or a script); its id."""
+        return self.command("sbatch", "--parsable", *args).stdout.strip().split(";")[0]
+
+    def job_state(self, job_id: str) -> str:
+        """PENDING, RUNNING, COMPLETED, FAILED, NODE_FAIL, ... (kept by squeue for MinJobAge after the end)."""
+        return self.command("squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T").stdout.strip()
+
+    def node_state(self, node: str) -> str:
+        """idle, mixed, allocated, down, ... (sinfo's long state, without its * for "not responding")."""
+        return self.command("sinfo", "-h", "-n", node, "-o", "%T").stdout.strip().rstrip("*")
+
+    def wait_until(self, condition: Callable[[], object], timeout: float, what: str) -> None:
+        """Poll `condition` until it is true; fail with `what` after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+            time.sleep(0.2)
+
+    def wait_for_job(self, job_id: str, timeout: float = 60) -> str:
+        """Wait until the job has ended; its final state."""
+        ended = ("COMPLETED", "FAILED", "NODE_FAIL", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+        self.wait_until(lambda: self.job_state(job_id) in ended, timeout, f"job {job_id} ended")
+        return self.job_state(job_id)
+
+
+@pytest.fixture(scope="module")
+def slurm_nodes() -> Iterator[SlurmNodes]:
+    """A SLURM cluster of CLUSTER_NODES nodes with 2 stand-in GPUs each, started for the test module
+    (installing SLURM if needed) and stopped at its end, whatever happened."""
+    if os.geteuid() != 0:
+        pytest.skip("the test cluster needs root (network namespaces, SLURM daemons running as root)")
+    env = dict(os.environ, CPUS=str(NODE_CPUS), REAL_MEMORY_MB=str(NODE_MEMORY_MB), GPUS_PER_NODE="2")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    started = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", "--nodes", str(CLUSTER_NODES)], env=env,
+                             capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
+    # A start that failed has stopped what it started (and one refused for a running cluster of the
+    # other kind must leave that one alone): nothing to stop here.
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        export = started.stdout.strip().splitlines()[-1]
+        assert export.startswith("export SLURM_CONF="), started.stdout
+        env["SLURM_CONF"] = export.split("=", 1)[1]
+        cluster = SlurmNodes(env=env, nodes={}, login_address="")
+        for line in cluster.command("scontrol", "-o", "show", "node").stdout.splitlines():
+            fields = dict(field.split("=", 1) for field in line.split() if "=" in field)
+            cluster.nodes[fields["NodeName"]] = fields["NodeAddr"]
+        config = cluster.command("scontrol", "show", "config").stdout
+        cluster.login_address = re.search(r"SlurmctldHost\[0\]\s*=\s*\S+\(([\d.]+)\)", config).group(1)
+        yield cluster
+    finally:
+        subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=env, capture_output=True, timeout=300, check=False)
