@@ -37,6 +37,7 @@ def run(directory: Path, weights: Path, daemons: int, shards: list[Path], thread
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=len(shards)) as pool:
             outputs = [directory.parent / "out" / f"{directory.name}_{path.stem}.pt" for path in shards]
+            outputs[0].parent.mkdir(parents=True, exist_ok=True)  # daemons write into existing folders only
             for future in [pool.submit(request_embedding, run_dir, "esm2", path, output, timeout=1800)
                            for path, output in zip(shards, outputs)]:  # fmt: skip
                 future.result()

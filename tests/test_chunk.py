@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from virnucpro.prep.chunk import ChunkSummary, chunk_bounds, chunk_fasta, skip_reason
 from virnucpro.errors import UserError
+from virnucpro.prep.chunk import ChunkSummary, chunk_bounds, chunk_fasta, skip_reason
 
 # (c, L) -> [start, end), copied from ORIGINAL_METHOD.md §1.
 PUBLISHED_EXAMPLES = [
@@ -18,8 +18,7 @@ PUBLISHED_EXAMPLES = [
     (500, 1500, [(0, 500), (500, 1000), (1000, 1500)]),
     (300, 301, [(0, 300), (150, 301)]),
     (300, 1001, [(0, 300), (250, 550), (500, 800), (750, 1001)]),
-    (300, 2003, [(0, 300), (286, 586), (572, 872), (858, 1158), (1144, 1444), (1430, 1730),
-                 (1716, 2003)]),
+    (300, 2003, [(0, 300), (286, 586), (572, 872), (858, 1158), (1144, 1444), (1430, 1730), (1716, 2003)]),
 ]
 
 
@@ -96,16 +95,19 @@ def test_a_non_positive_length_is_a_value_error(L):
         chunk_bounds(L, 500)
 
 
-@pytest.mark.parametrize("sequence, reason", [
-    ("", "empty sequence"),
-    ("ACGTURYSWKMBDHVNacgturyswkmbdhvn", ""),
-    ("ACGTX", "invalid sequence: character 'X' at position 5"),
-    ("AC-GT", "invalid sequence: character '-' at position 3"),
-    ("*ACGT", "invalid sequence: character '*' at position 1"),
-    ("ACéGT", "invalid sequence: character 'é' at position 3"),
-    ("AC\x01", "invalid sequence: character '\\x01' at position 3"),
-    ("ACGE", "invalid sequence: character 'E' at position 4"),
-])
+@pytest.mark.parametrize(
+    "sequence, reason",
+    [
+        ("", "empty sequence"),
+        ("ACGTURYSWKMBDHVNacgturyswkmbdhvn", ""),
+        ("ACGTX", "invalid sequence: character 'X' at position 5"),
+        ("AC-GT", "invalid sequence: character '-' at position 3"),
+        ("*ACGT", "invalid sequence: character '*' at position 1"),
+        ("ACéGT", "invalid sequence: character 'é' at position 3"),
+        ("AC\x01", "invalid sequence: character '\\x01' at position 3"),
+        ("ACGE", "invalid sequence: character 'E' at position 4"),
+    ],
+)
 def test_skip_reason(sequence, reason):
     assert skip_reason(sequence) == reason
 
@@ -128,8 +130,7 @@ def make_read(length: int, seed: int) -> str:
 def test_chunk_fasta_writes_the_published_chunks_with_one_based_ids_and_the_reads_case(tmp_path):
     reads = {"long": make_read(1200, 1), "short": make_read(120, 2), "exact": make_read(500, 3)}
     source = tmp_path / "reads.fa"
-    source.write_text("".join(f">{rid} some description\n{seq[:70]}\n{seq[70:]}\n"
-                              for rid, seq in reads.items()))
+    source.write_text("".join(f">{rid} some description\n{seq[:70]}\n{seq[70:]}\n" for rid, seq in reads.items()))
     summary = chunk_fasta(source, 500, tmp_path / "chunks.fa")
     expected = []
     for rid, seq in reads.items():
@@ -142,8 +143,7 @@ def test_chunk_fasta_writes_the_published_chunks_with_one_based_ids_and_the_read
 
 def test_skipped_reads_get_a_reason_in_the_reads_table_and_the_run_goes_on(tmp_path):
     source = tmp_path / "reads.fa"
-    source.write_text(">ok1\n" + "A" * 301 + "\n>empty\n>bad x\nACGTXACGT\n>rna\nACGUU\n"
-                      ">gap\nAC\nG-T\n>ok2\nnnnn\n")
+    source.write_text(">ok1\n" + "A" * 301 + "\n>empty\n>bad x\nACGTXACGT\n>rna\nACGUU\n>gap\nAC\nG-T\n>ok2\nnnnn\n")
     summary = chunk_fasta(source, 300, tmp_path / "chunks.fa", tmp_path / "reads.tsv")
     assert summary == ChunkSummary(reads=6, chunks=4, skipped=3)
     assert read_table(tmp_path / "reads.tsv") == [
@@ -156,7 +156,11 @@ def test_skipped_reads_get_a_reason_in_the_reads_table_and_the_run_goes_on(tmp_p
         ["ok2", "4", "1", ""],
     ]
     assert [rid for rid, _ in read_fasta_text(tmp_path / "chunks.fa")] == [
-        "ok1_chunk_1", "ok1_chunk_2", "rna_chunk_1", "ok2_chunk_1"]
+        "ok1_chunk_1",
+        "ok1_chunk_2",
+        "rna_chunk_1",
+        "ok2_chunk_1",
+    ]
 
 
 def test_an_input_without_reads_gives_empty_outputs(tmp_path):
@@ -197,8 +201,7 @@ def truncated_gzip(data: bytes) -> bytes:
 
 
 BAD_INPUTS = {
-    "duplicate ID": (b">a\nACGT\n>b\nAC\n>a x\nGG\n", ["record 3 ('a')", "duplicate read ID",
-                                                       "record 1"]),
+    "duplicate ID": (b">a\nACGT\n>b\nAC\n>a x\nGG\n", ["record 3 ('a')", "duplicate read ID", "record 1"]),
     "text before the first header": (b"ACGT\n>a\nAC\n", ["line 1", "before the first '>'"]),
     "empty ID": (b">a\nAC\n>\nGG\n", ["record 2", "no read ID"]),
     "NUL byte": (b">a\nAC\n>b\nA\x00C\n", ["record 2 ('b')", "binary data"]),

@@ -33,8 +33,7 @@ def test_id_is_the_header_up_to_the_first_whitespace(tmp_path):
 
 def test_crlf_line_endings_and_blank_lines_are_ignored(tmp_path):
     path = write_bytes(tmp_path / "in.fa", b"\r\n>r1 d\r\nAC\r\n\r\nGT\r\n\n>r2\r\n  \r\nA\r\n")
-    assert [(r.id, r.description, r.sequence) for r in records(path)] == [
-        ("r1", "r1 d", "ACGT"), ("r2", "r2", "A")]
+    assert [(r.id, r.description, r.sequence) for r in records(path)] == [("r1", "r1 d", "ACGT"), ("r2", "r2", "A")]
 
 
 def test_whitespace_inside_sequence_lines_is_removed(tmp_path):
