@@ -110,3 +110,76 @@ def slurm_nodes() -> Iterator[SlurmNodes]:
         yield cluster
     finally:
         subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=env, capture_output=True, timeout=300, check=False)
+
+
+# --- model daemons: tests/test_daemon.py, tests/test_daemon_faults.py, tests/test_worker.py --------
+# (plain helpers in tests/daemon_helpers.py)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The daemon tests' small random models: an ESM-2 checkpoint and a DNABERT-S snapshot folder."""
+    from virnucpro.testmodels import write_random_checkpoint, write_random_snapshot
+
+    directory = tmp_path_factory.mktemp("models")
+    return {
+        "esm2": write_random_checkpoint(directory / "esm2_t2_64_test.pt", seed=5),
+        "dnabert_s": write_random_snapshot(directory / "DNABERT-S", seed=5),
+    }
+
+
+@pytest.fixture
+def start_daemon():
+    """Start `virnucpro serve` processes (daemon_helpers.DaemonProcess); any still running at the end of
+    the test is killed."""
+    from daemon_helpers import DaemonProcess
+
+    started: list[DaemonProcess] = []
+
+    def start(*args, **kwargs) -> DaemonProcess:
+        started.append(DaemonProcess(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]):
+    """One ESM-2 daemon shared by a test module's request-level tests: its process, endpoint, allowed
+    data folder, run folder and weights."""
+    from daemon_helpers import DaemonProcess
+
+    root = tmp_path_factory.mktemp("shared")
+    run_dir = root / "run"
+    daemon = DaemonProcess(run_dir, "esm2-shared", "esm2", models["esm2"], [root / "data"], "--idle-timeout", "600")
+    try:
+        entry = daemon.wait_ready()
+        yield {"daemon": daemon, "endpoint": entry["endpoint"], "data": root / "data", "run_dir": run_dir,
+               "weights": models["esm2"]}  # fmt: skip
+    finally:
+        daemon.kill()
+
+
+@pytest.fixture
+def gate():
+    """Make shard files that no one can open until the test opens them (daemon_helpers.Gate); every gate
+    is opened at the end of the test. SIGIO, the kernel's notice to a lease holder, is ignored meanwhile."""
+    import signal
+
+    from daemon_helpers import Gate
+
+    made: list[Gate] = []
+    previous = signal.signal(signal.SIGIO, signal.SIG_IGN)
+
+    def make(path: Path, text: str) -> Gate:
+        made.append(Gate(path, text))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for each in made:
+            each.close()
+        signal.signal(signal.SIGIO, previous)

@@ -1,36 +1,53 @@
 """Daemons under faults, load and hostile input: real `virnucpro serve` processes and real ZeroMQ sockets.
 
 Every test ends with nothing lost: each shard embedded exactly once per output (equal to the in-process
-result), or in the failure manifest with every read of it accounted for.
+result), or in the failure manifest with every read of it accounted for. Shards that must be in progress
+when a test acts are gates (daemon_helpers.Gate), held until the test opens them: no test depends on how
+long a shard takes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import zmq
-
-from test_daemon import (
-    ask_json, fasta_ids, in_thread, models, shared, start_daemon, wait_running, write_proteins,
+from daemon_helpers import (
+    ask_json,
+    fasta_ids,
+    in_thread,
+    proteins,
+    receive_all,
+    receive_until,
+    status,
+    wait_for,
+    wait_running,
+    write_proteins,
 )
-from virnucpro.serving import client, registry
+
 from virnucpro.cli import main
-from virnucpro.serving.client import request_embedding, stop_daemons, write_stop_token
-from virnucpro.serving.daemon import MAX_MESSAGE_BYTES, ProtocolError, _Daemon, _Job, parse_request
 from virnucpro.engines.embed import embed_records, embed_shard, load_embedder, read_embeddings
 from virnucpro.engines.embedded import Embedded
 from virnucpro.errors import UserError
 from virnucpro.manifest import read_failures
-
-__all__ = ["models", "start_daemon"]  # fixtures shared with test_daemon.py
+from virnucpro.serving import client, registry
+from virnucpro.serving.client import request_embedding, stop_daemons
+from virnucpro.serving.confine import Confinement
+from virnucpro.serving.protocol import MAX_MESSAGE_BYTES, ProtocolError, parse_request
+from virnucpro.serving.rundir import RunDir
+from virnucpro.serving.transport import curve_keys
+from virnucpro.serving.worker import Job, Worker
 
 REFUSED_WITHIN = 2.0  # seconds a refused client waits for an answer that never comes
 
@@ -53,12 +70,14 @@ def assert_equal_to_reference(output: Path, fasta: Path, reference: tuple[list, 
     assert (vectors - reference[1]).abs().max().item() <= 1e-6
 
 
-def receive_all(sock: zmq.Socket, until: set[str], timeout: float) -> list[dict]:
-    collected: list[dict] = []
-    while not collected or collected[-1]["reply"] not in until:
-        assert sock.poll(int(timeout * 1000)), f"no final reply within {timeout} s: {collected}"
-        collected.append(sock.recv_json())
-    return collected
+def accepted(endpoints: list[str]) -> int:
+    """Shards queued or running over these daemons."""
+    return sum(s["queued"] + s["running"] for s in map(status, endpoints))
+
+
+def running_daemon(endpoints: list[str]) -> int | None:
+    """The index of the daemon that is computing a shard, if any."""
+    return next((i for i, endpoint in enumerate(endpoints) if status(endpoint)["running"]), None)
 
 
 # --- hostile input ----------------------------------------------------------------------------------
@@ -157,7 +176,7 @@ def test_a_client_without_the_runs_curve_keys_gets_no_answer_from_a_tcp_daemon(s
     assert keys.stat().st_mode & 0o777 == 0o700
     assert {path.name: path.stat().st_mode & 0o777 for path in keys.iterdir()} == {"server.key": 0o600,
                                                                                    "client.key": 0o600}  # fmt: skip
-    client_public, client_secret = registry.curve_keys(run_dir, "client")
+    client_public, client_secret = curve_keys(RunDir(run_dir), "client")
     stranger_public, stranger_secret = zmq.curve_keypair()
 
     def answered(within: float = REFUSED_WITHIN, **curve: bytes) -> bool:
@@ -186,58 +205,85 @@ def test_a_client_without_the_runs_curve_keys_gets_no_answer_from_a_tcp_daemon(s
 
 
 def test_curve_keys_are_made_once_private_and_refused_when_others_can_read_them(tmp_path):
-    first = registry.curve_keys(tmp_path, "server", create=True)
-    assert registry.curve_keys(tmp_path, "server", create=True) == first == registry.curve_keys(tmp_path, "server")
+    run = RunDir(tmp_path)
+    first = curve_keys(run, "server", create=True)
+    assert curve_keys(run, "server", create=True) == first == curve_keys(run, "server")
+    assert curve_keys(tmp_path, "server") == first  # a run folder given as a path
     assert zmq.curve_public(first[1]) == first[0]
     with pytest.raises(UserError, match="no CURVE key"):
-        registry.curve_keys(tmp_path, "client")
+        curve_keys(run, "client")
     os.chmod(tmp_path / "keys" / "server.key", 0o644)
     with pytest.raises(UserError, match="readable by others"):
-        registry.curve_keys(tmp_path, "server")
+        curve_keys(run, "server")
 
 
 # --- deadlines, progress, giving up -----------------------------------------------------------------
-def test_accepted_shards_get_progress_and_expired_ones_are_dropped_before_they_start(shared):
+def test_accepted_shards_get_progress_and_expired_ones_are_dropped_before_they_start(shared, gate):
     endpoint, data = shared["endpoint"], shared["data"]
-    big = write_proteins(data / "progress_big.faa", 2000, seed=42, length=(140, 160))  # runs for over 2 s
+    big = gate(data / "progress_big.faa", proteins("progress_big", 50, seed=42, length=(140, 160)))
     late = write_proteins(data / "progress_late.faa", 5, seed=43)
     with zmq.Context() as context, context.socket(zmq.DEALER) as first, context.socket(zmq.DEALER) as second:
         for sock in (first, second):
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(endpoint)
-        first.send_json({"op": "embed", "input": str(big), "output": str(data / "progress_big.pt"), "timeout": 120})
-        wait_running(endpoint)
+        first.send_json({"op": "embed", "input": str(big.path), "output": str(data / "progress_big.pt"),
+                         "timeout": 120})  # fmt: skip
+        # the big shard is running, held at its gate, until the test has seen what it waits for
+        big_replies = receive_until(first, lambda reply: reply["reply"] == "progress" and reply["state"] == "running")
         second.send_json({"op": "embed", "input": str(late), "output": str(data / "progress_late.pt"),
                           "timeout": 0.3})  # fmt: skip
-        late_replies = receive_all(second, {"expired", "done"}, timeout=120)
-        big_replies = receive_all(first, {"done"}, timeout=120)
+        # queued behind it for longer than its deadline (the daemon's own count of seconds)
+        late_replies = receive_until(second, lambda reply: reply.get("seconds", 0) > 0.5)
+        big.open()
+        late_replies += receive_all(second, {"expired", "done"}, timeout=120)
+        big_replies += receive_all(first, {"done"}, timeout=120)
     assert [reply["reply"] for reply in late_replies][0] == "accepted" and late_replies[-1]["reply"] == "expired"
+    assert [reply["state"] for reply in late_replies if reply["reply"] == "progress"][0] == "queued"
     assert not (data / "progress_late.pt").exists()
     assert big_replies[0]["reply"] == "accepted"
     assert any(reply["reply"] == "progress" and reply["state"] == "running" for reply in big_replies), big_replies
-    assert read_embeddings(data / "progress_big.pt")[0] == fasta_ids(big)
+    assert big_replies[-1]["reply"] == "done"
+    assert read_embeddings(data / "progress_big.pt")[0] == fasta_ids(big.path)
     immediate = ask_json(endpoint, {"op": "embed", "input": str(late), "output": str(data / "x.pt"), "timeout": 0})
     assert immediate["reply"] == "expired"
 
 
-def test_a_waiting_client_gives_up_when_the_stop_file_changes_or_every_daemon_failed(tmp_path):
-    run_dir, stop_file = tmp_path / "run", tmp_path / "run" / "stop"
-    write_stop_token(stop_file)
-    thread, outcome = in_thread(request_embedding, run_dir, "esm2", tmp_path / "a.faa", tmp_path / "a.pt",
-                                timeout=60, stop_file=stop_file)  # fmt: skip
-    time.sleep(0.7)
+def test_a_waiting_client_gives_up_when_the_stop_file_changes_or_every_daemon_failed(tmp_path, monkeypatch):
+    run = RunDir(tmp_path / "run")
+    run.write_stop_token()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    registry.write_entry(run, {"daemon_id": "esm2-dead", "model": "esm2", "host": socket.gethostname(),
+                               "pid": dead.pid, "state": "ready", "endpoint": "ipc:///nowhere"})  # fmt: skip
+    thread, outcome = in_thread(request_embedding, run.root, "esm2", tmp_path / "a.faa", tmp_path / "a.pt",
+                                timeout=60, stop_file=run.stop_file)  # fmt: skip
+    # Once the client has looked at the registry (dropping the dead daemon's entry), it holds the stop
+    # token it started with; a new one ends its wait.
+    wait_for(lambda: not run.entry("esm2-dead").exists(), 10, "the client looked for a daemon")
     started = time.monotonic()
-    write_stop_token(stop_file)
+    run.write_stop_token()
     thread.join(10)
     assert time.monotonic() - started < 5
     assert isinstance(outcome[0], UserError) and "the run is ending" in str(outcome[0])
 
     for index in range(2):
-        registry.write_entry(run_dir, {"daemon_id": f"esm2-{index}", "model": "esm2", "host": "x", "pid": 1,
-                                       "state": "failed", "reason": f"CUDA broke {index}", "endpoint": ""})  # fmt: skip
+        registry.write_entry(run, {"daemon_id": f"esm2-{index}", "model": "esm2", "host": "x", "pid": 1,
+                                   "state": "failed", "reason": f"CUDA broke {index}", "endpoint": ""})  # fmt: skip
     started = time.monotonic()
     with pytest.raises(UserError, match="every esm2 daemon .* failed.*CUDA broke 0.*CUDA broke 1"):
-        request_embedding(run_dir, "esm2", tmp_path / "a.faa", tmp_path / "a.pt", timeout=60)
+        request_embedding(run.root, "esm2", tmp_path / "a.faa", tmp_path / "a.pt", timeout=60)
+    assert time.monotonic() - started < 5
+
+    # In a workflow, the token to compare with is the one of the run's start (RUN/settings.json, for the
+    # jobs of its session): a job that starts after the run began to end gives up at once.
+    for index in range(2):
+        registry.remove_entry(run, f"esm2-{index}")
+    monkeypatch.setenv("VIRNUCPRO_SESSION", "session-1")
+    run.write_settings({"session": "session-1", "stop_baseline": run.read_stop_token().decode()})
+    run.write_stop_token()
+    started = time.monotonic()
+    with pytest.raises(UserError, match="the run is ending"):
+        request_embedding(run.root, "esm2", tmp_path / "a.faa", tmp_path / "a.pt", timeout=60)
     assert time.monotonic() - started < 5
 
 
@@ -260,19 +306,32 @@ class FakeEmbedder:
         return Embedded(vectors=vectors, tokens=sum(map(len, sequences)), failed=failed, out_of_memory=2 * len(failed))
 
 
-def bare_daemon(run_dir: Path, root: Path) -> _Daemon:
-    return _Daemon(model="esm2", weights=root / "w.pt", device="cpu", precision="fp32", run_dir=run_dir,
-                   daemon_id="esm2-fake", roots=[str(root)], idle_timeout=0, cache_clear_every=10, stop_file=None,
-                   max_queue=4, drain_grace=1, transport="ipc", bind_host="*")  # fmt: skip
+def run_worker(
+    monkeypatch, run_dir: Path, embedder: FakeEmbedder, jobs: list[Job], cache_clear_every: int
+) -> list[dict]:
+    """Drive a daemon's model thread (worker.Worker, no sockets) whose model is ``embedder`` over ``jobs``
+    in this thread; the events it posted."""
+    monkeypatch.setattr("virnucpro.engines.embed.load_embedder", lambda *args, **kwargs: embedder)
+    events: list[dict] = []
+    confinement = Confinement([run_dir.parent], never_write=[run_dir])
+    worker = Worker(model="esm2", weights=run_dir / "w.pt", device="cpu", precision="fp32", daemon_id="esm2-fake",
+                    run=RunDir(run_dir), confinement=confinement, cache_clear_every=cache_clear_every,
+                    post=events.append)  # fmt: skip
+    for job in jobs:
+        worker.submit(job)
+    worker.close()
+    worker.run()
+    assert [event["event"] for event in events] == ["ready"] + ["started", "finished"] * len(jobs) + ["exit"]
+    return [event for event in events if event["event"] == "finished"]
 
 
-def test_a_sequence_that_never_fits_gets_a_manifest_line_and_the_rest_of_the_shard_is_written(tmp_path):
+def test_a_sequence_that_never_fits_gets_a_manifest_line_and_the_rest_of_the_shard_is_written(tmp_path, monkeypatch):
     fasta = write_proteins(tmp_path / "shard_00003.faa", 5, seed=44)
-    daemon = bare_daemon(tmp_path / "run", tmp_path)
-    job = _Job("rid", str(fasta), str(tmp_path / "out.pt"), "s1", "shard_00003", 1, math.inf)
-    reply, clears = daemon._embed(FakeEmbedder(too_big={1, 3}), job, clear_after=False)
+    job = Job("rid", str(fasta), str(tmp_path / "out.pt"), "s1", "shard_00003", 1, math.inf)
+    [finished] = run_worker(monkeypatch, tmp_path / "run", FakeEmbedder(too_big={1, 3}), [job], cache_clear_every=10)
+    reply = finished["reply"]
     assert reply["reply"] == "done" and reply["sequences"] == 3 and reply["failed_sequences"] == 2
-    assert clears == 4  # each out-of-memory error cleared the cache
+    assert finished["cache_clears"] == 4  # each out-of-memory error cleared the cache
     ids = fasta_ids(fasta)
     assert read_embeddings(tmp_path / "out.pt")[0] == [ids[0], ids[2], ids[4]]
     entries = read_failures(tmp_path / "run" / "failures.tsv")
@@ -282,15 +341,17 @@ def test_a_sequence_that_never_fits_gets_a_manifest_line_and_the_rest_of_the_sha
     ]
 
 
-def test_a_shard_level_out_of_memory_is_retried_once_after_clearing_the_cache(tmp_path):
+def test_a_shard_level_out_of_memory_is_retried_once_after_clearing_the_cache(tmp_path, monkeypatch):
     fasta = write_proteins(tmp_path / "shard_00004.faa", 4, seed=45)
-    daemon = bare_daemon(tmp_path / "run", tmp_path)
-    job = _Job("rid", str(fasta), str(tmp_path / "out.pt"), "s1", "shard_00004", 1, math.inf)
-    reply, clears = daemon._embed(FakeEmbedder(raise_times=1), job, clear_after=True)
-    assert reply["reply"] == "done" and reply["sequences"] == 4 and clears == 2  # after the error, and scheduled
+    job = Job("rid", str(fasta), str(tmp_path / "out.pt"), "s1", "shard_00004", 1, math.inf)
+    [finished] = run_worker(monkeypatch, tmp_path / "run", FakeEmbedder(raise_times=1), [job], cache_clear_every=1)
+    reply = finished["reply"]
+    assert reply["reply"] == "done" and reply["sequences"] == 4
+    assert finished["cache_clears"] == 2  # after the error, and scheduled
     assert read_failures(tmp_path / "run" / "failures.tsv") == []
-    job = _Job("rid2", str(fasta), str(tmp_path / "out2.pt"), "s1", "shard_00004", 2, math.inf)
-    reply, clears = daemon._embed(FakeEmbedder(raise_times=2), job, clear_after=False)
+    job = Job("rid2", str(fasta), str(tmp_path / "out2.pt"), "s1", "shard_00004", 2, math.inf)
+    [finished] = run_worker(monkeypatch, tmp_path / "run", FakeEmbedder(raise_times=2), [job], cache_clear_every=10)
+    reply = finished["reply"]
     assert reply["reply"] == "failed" and reply["error_class"] == "OutOfMemoryError" and reply["attempts"] == 3
     [entry] = read_failures(tmp_path / "run" / "failures.tsv")
     assert entry["shard"] == "shard_00004" and entry["sequence_id"] == "" and entry["attempts"] == "3"
@@ -367,56 +428,80 @@ def test_a_failed_shard_under_record_policy_gives_reads_marked_embedding_failed(
 
 # --- processes killed, stopped and restarted --------------------------------------------------------
 @pytest.mark.slow
-def test_sigkill_of_one_of_two_daemons_during_ten_concurrent_shards_loses_nothing(start_daemon, models, tmp_path):
+def test_sigkill_of_one_of_two_daemons_during_ten_concurrent_shards_loses_nothing(start_daemon, models, gate, tmp_path):
     run_dir, data = tmp_path / "run", tmp_path / "data"
     daemons = [start_daemon(run_dir, f"esm2-{i}", "esm2", models["esm2"], [data]) for i in range(2)]
     endpoints = [daemon.wait_ready()["endpoint"] for daemon in daemons]
-    shards = [write_proteins(data / f"shard_{i:05d}.faa", 150, seed=50 + i, length=(100, 160)) for i in range(10)]
-    clients = [in_thread(request_embedding, run_dir, "esm2", shard, shard.with_suffix(".pt"), sample="s",
-                         shard=shard.stem, timeout=180) for shard in shards]  # fmt: skip
-    end, victim = time.monotonic() + 60, None
-    while victim is None:  # kill a daemon in the middle of a shard, once it has finished one, with more queued
-        assert time.monotonic() < end, "no daemon got going"
-        statuses = [ask_json(endpoint, {"op": "status"}) for endpoint in endpoints]
+    shards = [gate(data / f"shard_{i:05d}.faa", proteins(f"shard_{i:05d}", 40, seed=50 + i, length=(100, 160)))
+              for i in range(10)]  # fmt: skip
+    clients = [in_thread(request_embedding, run_dir, "esm2", shard.path, shard.path.with_suffix(".pt"), sample="s",
+                         shard=shard.path.stem, timeout=180) for shard in shards]  # fmt: skip
+    wait_for(lambda: accepted(endpoints) == 10, 60, "all ten shards accepted")
+    # Let the daemons through their shards one at a time until one of them has finished a shard, is in the
+    # middle of another (held at its gate) and has more queued: kill it there.
+    victim = None
+    while victim is None:
+        statuses = [status(endpoint) for endpoint in endpoints]
         victim = next((i for i, s in enumerate(statuses) if s["running"] and s["queued"] and s["shards_done"]), None)
+        if victim is None:
+            done = sum(s["shards_done"] for s in statuses)
+            opening = wait_for(lambda: next((s for s in shards if s.waiting()), None), 60, "a daemon opening a shard")
+            opening.open()
+            wait_for(lambda done=done: sum(status(e)["shards_done"] for e in endpoints) > done, 60, "a shard done")
     done_by_victim = statuses[victim]["shards_done"]
-    daemons[victim].process.send_signal(signal.SIGKILL)
-    daemons[victim].process.wait()
+    daemons[victim].kill()
+    for shard in shards:
+        if not shard.is_open:
+            shard.open()
     for thread, outcome in clients:
         thread.join(240)
         assert outcome == [None]
-    expected = references(models["esm2"], "esm2", shards, tmp_path / "reference")
+    expected = references(models["esm2"], "esm2", [shard.path for shard in shards], tmp_path / "reference")
     for shard in shards:
-        assert_equal_to_reference(shard.with_suffix(".pt"), shard, expected[shard])
+        assert_equal_to_reference(shard.path.with_suffix(".pt"), shard.path, expected[shard.path])
     survivor = daemons[1 - victim]
     assert stop_daemons(run_dir) == 1 and survivor.wait_exit() == 0
     stats = survivor.final_stats()
     assert stats["taken_over"] >= 1 and stats["failures"] == 0  # the victim's shards, queued or cut short
-    assert stats["shards"] + done_by_victim >= 10
+    assert stats["shards"] + done_by_victim == 10  # the one cut short computed again, no other twice
     assert read_failures(run_dir / "failures.tsv") == []
     assert registry.list_entries(run_dir) == []
 
 
 @pytest.mark.slow
-def test_sixty_concurrent_clients_on_two_daemons_with_a_small_queue(start_daemon, models, tmp_path):
+def test_sixty_concurrent_clients_on_two_daemons_with_a_small_queue(start_daemon, models, gate, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="virnucpro.serving.client")
     run_dir, data = tmp_path / "run", tmp_path / "data"
     daemons = [start_daemon(run_dir, f"esm2-{i}", "esm2", models["esm2"], [data], "--max-queue", "2")
                for i in range(2)]  # fmt: skip
-    for daemon in daemons:
-        daemon.wait_ready()
+    endpoints = [daemon.wait_ready()["endpoint"] for daemon in daemons]
+    # one shard held at its gate in each daemon, so that the queues fill up and clients are told "busy"
+    blockers = [gate(data / f"blocker_{i}.faa", proteins(f"blocker_{i}", 5, seed=59 - i)) for i in range(2)]
+    blocking = []
+    for count, blocker in enumerate(blockers, start=1):
+        blocking.append(in_thread(request_embedding, run_dir, "esm2", blocker.path, blocker.path.with_suffix(".pt"),
+                                  timeout=240))  # fmt: skip
+        wait_for(lambda count=count: accepted(endpoints) == count, 60, f"blocker {count} accepted")
+    assert [status(endpoint)["running"] for endpoint in endpoints] == [1, 1]  # the least-loaded daemon took each
     shards = [write_proteins(data / f"shard_{i:05d}.faa", 12, seed=60 + i) for i in range(30)]
     clients = [in_thread(request_embedding, run_dir, "esm2", shard, shard.with_suffix(".pt"), shard=shard.stem,
                          timeout=240) for shard in shards * 2]  # fmt: skip  # each shard asked for twice at once
-    for thread, outcome in clients:
+    wait_for(lambda: [s["queued"] + s["running"] for s in map(status, endpoints)] == [2, 2], 60, "both queues full")
+    wait_for(lambda: any("is busy" in record.getMessage() for record in caplog.records), 60, "a client told busy")
+    for blocker in blockers:
+        blocker.open()
+    for thread, outcome in blocking + clients:
         thread.join(300)
         assert outcome == [None]
     assert len(clients) == 60
     assert stop_daemons(run_dir) == 2
     assert [daemon.wait_exit() for daemon in daemons] == [0, 0]
     stats = [daemon.final_stats() for daemon in daemons]
-    assert sum(s["shards"] for s in stats) == 30  # no shard computed twice, at once or later
+    # the 30 shards and the 2 blockers: none computed twice, at once or later
+    assert sum(s["shards"] for s in stats) == 32
     assert all(s["peak_queued"] <= 2 for s in stats) and sum(s["busy_replies"] for s in stats) > 0, stats
-    assert all(s["shards"] >= 1 and s["model_loads"] == 1 and s["failures"] == 0 for s in stats), stats
+    # each daemon computed its blocker and the shard queued behind it, at least
+    assert all(s["shards"] >= 2 and s["model_loads"] == 1 and s["failures"] == 0 for s in stats), stats
     expected = references(models["esm2"], "esm2", shards, tmp_path / "reference")
     for shard in shards:
         assert_equal_to_reference(shard.with_suffix(".pt"), shard, expected[shard])
@@ -424,19 +509,18 @@ def test_sixty_concurrent_clients_on_two_daemons_with_a_small_queue(start_daemon
 
 @pytest.mark.slow
 def test_sigterm_hands_back_a_long_shard_after_the_grace_and_a_restart_under_the_same_id_finishes_it(
-    start_daemon, models, tmp_path
+    start_daemon, models, gate, tmp_path
 ):
     run_dir, data = tmp_path / "run", tmp_path / "data"
     first = start_daemon(run_dir, "esm2-0", "esm2", models["esm2"], [data], "--drain-grace", "1")
     endpoint = first.wait_ready()["endpoint"]
-    # big enough that it cannot finish in the moments the first daemon runs after SIGTERM and SIGCONT
-    big = write_proteins(data / "big.faa", 3000, seed=70, length=(300, 400))
-    thread, outcome = in_thread(request_embedding, run_dir, "esm2", big, data / "big.pt", sample="s", shard="big",
-                                timeout=180)  # fmt: skip
+    # held at its gate: it cannot finish while the first daemon drains, however fast the machine
+    big = gate(data / "big.faa", proteins("big", 60, seed=70, length=(140, 160)))
+    thread, outcome = in_thread(request_embedding, run_dir, "esm2", big.path, data / "big.pt", sample="s",
+                                shard="big", timeout=180)  # fmt: skip
     wait_running(endpoint)
     first.process.send_signal(signal.SIGTERM)
-    while (first.entry() or {}).get("state") == "ready":
-        time.sleep(0.005)
+    wait_for(lambda: (first.entry() or {}).get("state") != "ready", 10, "the first daemon draining", interval=0.005)
     first.process.send_signal(signal.SIGSTOP)  # hold it in "stopping", mid-shard, while the restart comes up
     try:
         first_pid = first.process.pid
@@ -450,33 +534,40 @@ def test_sigterm_hands_back_a_long_shard_after_the_grace_and_a_restart_under_the
     assert first.wait_exit(30) == 0
     stats = first.final_stats()
     assert stats["exit_reason"] == "signal" and stats["handed_back"] == 1 and stats["shards"] == 0
+    big.open()  # now read by the restarted daemon
     thread.join(180)
     assert outcome == [None]
     assert second.entry()["pid"] == second.process.pid != first_pid
-    assert read_embeddings(data / "big.pt")[0] == fasta_ids(big)
+    assert read_embeddings(data / "big.pt")[0] == fasta_ids(big.path)
     assert stop_daemons(run_dir) == 1 and second.wait_exit() == 0
     assert second.final_stats()["shards"] == 1 and second.final_stats()["taken_over"] == 0
     assert read_failures(run_dir / "failures.tsv") == []
 
 
 @pytest.mark.slow
-def test_a_frozen_daemon_is_lost_after_its_silence_and_another_embeds_the_shard(start_daemon, models, tmp_path,
+def test_a_frozen_daemon_is_lost_after_its_silence_and_another_embeds_the_shard(start_daemon, models, gate, tmp_path,
                                                                                 monkeypatch):  # fmt: skip
     monkeypatch.setattr(client, "LOST_AFTER", 3.0)
     run_dir, data = tmp_path / "run", tmp_path / "data"
     daemons = [start_daemon(run_dir, f"esm2-{i}", "esm2", models["esm2"], [data]) for i in range(2)]
     endpoints = [daemon.wait_ready()["endpoint"] for daemon in daemons]
-    big = write_proteins(data / "big.faa", 500, seed=80, length=(140, 160))
-    thread, outcome = in_thread(request_embedding, run_dir, "esm2", big, data / "big.pt", timeout=120)
-    end, frozen = time.monotonic() + 30, None
-    while frozen is None:
-        assert time.monotonic() < end, "no daemon started the shard"
-        frozen = next((i for i, e in enumerate(endpoints) if ask_json(e, {"op": "status"})["running"]), None)
+    big = gate(data / "big.faa", proteins("big", 60, seed=80, length=(140, 160)))
+    output = data / "big.pt"
+    thread, outcome = in_thread(request_embedding, run_dir, "esm2", big.path, output, timeout=120)
+    wait_for(lambda: running_daemon(endpoints) is not None, 30, "a daemon started the shard")
+    frozen = running_daemon(endpoints)
+    wait_for(big.waiting, 30, "the daemon opening the shard")  # in the middle of it, nothing written
     daemons[frozen].process.send_signal(signal.SIGSTOP)  # alive, holding the shard's lock, silent
     try:
+        big.open()  # read by the other daemon, once the client has lost the frozen one
         thread.join(120)
         assert outcome == [None]
-        assert read_embeddings(data / "big.pt")[0] == fasta_ids(big)
-        assert ask_json(endpoints[1 - frozen], {"op": "status"})["shards_done"] == 1
+        assert read_embeddings(output)[0] == fasta_ids(big.path)
+        assert status(endpoints[1 - frozen])["shards_done"] == 1
+        embedded = output.read_bytes(), output.stat().st_mtime_ns
     finally:
         daemons[frozen].process.send_signal(signal.SIGCONT)
+    # Thawed, the frozen daemon goes on with its shard, finds the output written meanwhile and keeps it.
+    wait_for(lambda: status(endpoints[frozen])["shards_done"] == 1, 60, "the thawed daemon finished its shard")
+    assert (output.read_bytes(), output.stat().st_mtime_ns) == embedded
+    assert status(endpoints[frozen])["failures"] == 0 and read_failures(run_dir / "failures.tsv") == []
