@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from virnucpro.errors import UserError
-from virnucpro.manifest import MANIFEST_COLUMNS, append_failure, read_failures
+from virnucpro.manifest import MANIFEST_COLUMNS, append_failure, read_failures, record_embed_failures
 
 HEADER = "time\tsample\tstage\tshard\tsequence_id\terror_class\tmessage\tattempts\tdaemon\n"
 
@@ -86,3 +86,88 @@ def test_a_file_that_is_not_a_manifest_is_refused(tmp_path):
     (tmp_path / "short.tsv").write_text(HEADER + "only\ttwo\n")
     with pytest.raises(UserError, match="line 2: 2 fields"):
         read_failures(tmp_path / "short.tsv")
+
+
+# --- record_embed_failures: a shard's entries are its latest outcome ---------------------------------
+def keyed(entries: list[dict[str, str]]) -> set[tuple[str, ...]]:
+    return {(e["sample"], e["stage"], e["shard"], e["sequence_id"], e["error_class"], e["message"], e["attempts"],
+             e["daemon"]) for e in entries}  # fmt: skip
+
+
+def test_recording_a_shards_outcome_replaces_its_entries_and_leaves_the_others(tmp_path):
+    path = tmp_path / "failures.tsv"
+    record_embed_failures(path, sample="s1", stage="embed_esm2", shard="a")  # embedded: nothing to record
+    assert not path.exists()
+    record_embed_failures(path, sample="s1", stage="embed_esm2", shard="a", daemon="d0",
+                          shard_error=("UserError", "bad FASTA", 1))  # fmt: skip
+    record_embed_failures(path, sample="s1", stage="embed_dnabert_s", shard="a", daemon="d9",
+                          shard_error=("DaemonLost", "lost twice", 2))  # fmt: skip  # the same shard, another model
+    record_embed_failures(path, sample="s2", stage="embed_esm2", shard="a", daemon="d9",
+                          sequence_failures={"r1": "too long", "r2": "too long"})  # fmt: skip  # another sample
+    append_failure(path, sample="s1", stage="chunk_reads", shard="a", error_class="UserError", message="other stage")
+    others = [e for e in read_failures(path) if (e["sample"], e["stage"]) != ("s1", "embed_esm2")]
+    assert len(others) == 4
+    [first] = [e for e in read_failures(path) if (e["sample"], e["stage"]) == ("s1", "embed_esm2")]
+    assert (first["shard"], first["error_class"], first["attempts"], first["daemon"]) == ("a", "UserError", "1", "d0")
+
+    # retried: this time two sequences did not fit; the shard-level entry is gone
+    record_embed_failures(path, sample="s1", stage="embed_esm2", shard="a", daemon="d1",
+                          sequence_failures={"x1": "out of GPU memory", "x2": "out of GPU memory"})  # fmt: skip
+    now = read_failures(path)
+    assert [e for e in now if (e["sample"], e["stage"]) != ("s1", "embed_esm2")] == others  # untouched, in order
+    assert keyed(e for e in now if (e["sample"], e["stage"]) == ("s1", "embed_esm2")) == {
+        ("s1", "embed_esm2", "a", "x1", "OutOfMemoryError", "out of GPU memory", "1", "d1"),
+        ("s1", "embed_esm2", "a", "x2", "OutOfMemoryError", "out of GPU memory", "1", "d1"),
+    }
+    # embedded in full at last: no entry of it is left, and the others still are
+    record_embed_failures(path, sample="s1", stage="embed_esm2", shard="a", daemon="d2")
+    assert read_failures(path) == others
+    assert path.read_text().startswith(HEADER)
+
+
+def record_outcomes(path: str, writer: int, shards: int, barrier) -> None:
+    """Each shard of this writer first fails, then ends with its final outcome (see ``final_outcome``);
+    an unrelated entry is appended now and then."""
+    barrier.wait()
+    for number in range(shards):
+        key = {"sample": f"s{writer}", "stage": "embed_esm2", "shard": f"shard_{number:05d}", "daemon": f"d{writer}"}
+        record_embed_failures(Path(path), **key, shard_error=("DaemonLost", "first try", 1))
+        record_embed_failures(Path(path), **key, **final_outcome(writer, number))
+        if number % 5 == 0:
+            append_failure(Path(path), sample=f"s{writer}", stage="aggregate", shard=f"shard_{number:05d}",
+                           error_class="UserError", message=message_for(writer, number))  # fmt: skip
+
+
+def final_outcome(writer: int, number: int) -> dict:
+    if number % 3 == 0:
+        return {"shard_error": ("UserError", message_for(writer, number), 2)}
+    if number % 3 == 1:
+        return {"sequence_failures": {f"r{writer}_{number}_{i}": "out of GPU memory" for i in range(2)}}
+    return {}  # embedded
+
+
+def test_concurrent_writers_in_several_processes_lose_no_outcome(tmp_path):
+    path = tmp_path / "failures.tsv"
+    writers, shards = 4, 40
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(writers)
+    processes = [context.Process(target=record_outcomes, args=(str(path), w, shards, barrier)) for w in range(writers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(120)
+        assert process.exitcode == 0
+    expected = set()
+    for w in range(writers):
+        for n in range(shards):
+            key = (f"s{w}", "embed_esm2", f"shard_{n:05d}")
+            outcome = final_outcome(w, n)
+            if "shard_error" in outcome:
+                expected.add((*key, "", "UserError", message_for(w, n), "2", f"d{w}"))
+            for sequence in outcome.get("sequence_failures", {}):
+                expected.add((*key, sequence, "OutOfMemoryError", "out of GPU memory", "1", f"d{w}"))
+            if n % 5 == 0:
+                expected.add((f"s{w}", "aggregate", f"shard_{n:05d}", "", "UserError", message_for(w, n), "", ""))
+    entries = read_failures(path)
+    assert len(entries) == len(expected) and keyed(entries) == expected
+    assert path.read_text().count(HEADER) == 1
