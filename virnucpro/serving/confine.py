@@ -21,6 +21,7 @@ from pathlib import Path
 from virnucpro.serving.protocol import ProtocolError, short
 
 _WALK = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+PATH_LIMIT = 1000  # characters of a resolved path in a message (a file's name is worth more than 80)
 
 
 class Confinement:
@@ -48,7 +49,7 @@ class Confinement:
         descriptor = self._open_beneath(real, directory=False)
         try:
             if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-                raise ProtocolError(f"input '{short(real)}' is not a regular file")
+                raise ProtocolError(f"input '{short(real, PATH_LIMIT)}' is not a regular file")
             yield Path(f"/proc/self/fd/{descriptor}")
         finally:
             os.close(descriptor)
@@ -69,7 +70,7 @@ class Confinement:
     def _open_beneath(self, real: str, directory: bool) -> int:
         root = self._root_of(real)
         if root is None:
-            raise ProtocolError(f"'{short(real)}' is outside the allowed roots")
+            raise ProtocolError(f"'{short(real, PATH_LIMIT)}' is outside the allowed roots")
         parts = [part for part in os.path.relpath(real, root).split(os.sep) if part not in ("", ".")]
         descriptor = os.open(root, _WALK | os.O_DIRECTORY)
         try:
@@ -80,7 +81,7 @@ class Confinement:
                     following = os.open(part, flags, dir_fd=descriptor)
                 except OSError as error:
                     if error.errno in (errno.ELOOP, errno.ENOTDIR):  # a symbolic link, or not a folder, on the way
-                        raise ProtocolError(f"'{short(real)}' changed while it was being opened (a symbolic "
+                        raise ProtocolError(f"'{short(real, PATH_LIMIT)}' changed while it was being opened (a symbolic "
                                             "link on the way): refused") from None  # fmt: skip
                     raise
                 os.close(descriptor)
