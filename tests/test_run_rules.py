@@ -198,7 +198,7 @@ def test_a_model_replaced_in_place_re_embeds(workdir, reference, other_models, t
 
 
 @pytest.mark.parametrize("key, value, redone", [
-    ("precision", "bf16", ("embed_esm2", "embed_dnabert_s")),
+    ("precision", "bf16", ("embed_esm2", "embed_dnabert_s", "classify_shard")),
     ("models.classifier", "other", ("classify_shard",)),
 ])  # fmt: skip
 def test_precision_and_classifier_decide_what_is_redone(workdir, reference, other_models, key, value, redone):
@@ -213,7 +213,7 @@ def test_precision_and_classifier_decide_what_is_redone(workdir, reference, othe
 @pytest.mark.parametrize("changes", [
     {"client_timeout": 7200}, {"failure_policy": "fail"}, {"transport": "tcp"}, {"idle_timeout": 30},
     {"orphan_timeout": 60}, {"freeze_timeout": 0}, {"daemon_restarts": 5}, {"cache_clear_every": 3},
-    {"embedding_mode": "in_process"},
+    {"embedding_mode": "in_process"}, {"daemons": TWO_DAEMONS_EACH}, {"run_dir": ".virnucpro-elsewhere"},
 ])  # fmt: skip
 def test_settings_that_cannot_change_a_result_redo_nothing(workdir, reference, changes):
     copy_of(reference, workdir)

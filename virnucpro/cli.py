@@ -174,17 +174,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 def _cmd_serve_job(args: argparse.Namespace) -> None:
     from virnucpro.serving.supervise import serve_job
 
-    serve_args = [
-        "--model", args.model, "--weights", str(args.weights), "--device", args.device, "--precision", args.precision,
-        "--run-dir", str(args.run_dir), "--stats-output", str(args.stats_output), "--daemon-id", args.daemon_id,
-        "--idle-timeout", "0", "--cache-clear-every", str(args.cache_clear_every), "--drain-grace",
-        str(args.drain_grace), "--transport", args.transport, "--bind-host", args.bind_host,
-    ]  # fmt: skip
-    for root in args.allowed_root or []:
-        serve_args += ["--allowed-root", str(root)]
-    code = serve_job(serve_args, run_dir=args.run_dir, daemon_id=args.daemon_id, model=args.model,
-                     stats_output=args.stats_output, orphan_timeout=args.orphan_timeout,
-                     freeze_timeout=args.freeze_timeout, drain_grace=args.drain_grace)  # fmt: skip
+    code = serve_job(args.run_dir, args.daemon_id, args.stats_output, args.allowed_root or [Path.cwd()])
     if code:
         raise SystemExit(code)
 
@@ -356,24 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--bind-host", default="*", help="tcp: interface address to listen on (default: all)")
 
     sub = command("serve-job", _cmd_serve_job,
-                  "a workflow's serve job: run a daemon as a child, stop it when the run is gone, kill it when it "
-                  "freezes (exit 0 when stopped or its work is taken over, 1 when a restart must replace it)")
-    sub.add_argument("--model", choices=MODEL_CHOICES, required=True)
-    sub.add_argument("--weights", type=Path, required=True, help="model file or snapshot folder")
-    sub.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    sub.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32")
+                  "a workflow's serve job: run one of the run's daemons (its model, device and settings are in "
+                  "RUN_DIR/settings.json) as a child, stop it when the run is gone, kill it when it freezes; exit 0 "
+                  "when it stopped or its work is taken over, 1 when a restart must replace it, 2 when it cannot start")
     sub.add_argument("--run-dir", type=Path, required=True, help="the run folder of the workflow run")
+    sub.add_argument("--daemon-id", required=True, help="the daemon, as the run's settings name it")
     sub.add_argument("--stats-output", type=Path, required=True, help="statistics JSON written on exit")
-    sub.add_argument("--daemon-id", required=True, help="name in the registry")
-    sub.add_argument("--allowed-root", type=Path, action="append", help="folder the daemon may read and write")
-    sub.add_argument("--cache-clear-every", type=int, default=10, help="clear the CUDA cache every N shards")
-    sub.add_argument("--drain-grace", type=float, default=25.0, help="seconds to finish a shard when stopping")
-    sub.add_argument("--transport", choices=("ipc", "tcp"), default="ipc")
-    sub.add_argument("--bind-host", default="*", help="tcp: interface address to listen on (default: all)")
-    sub.add_argument("--orphan-timeout", type=float, default=120.0,
-                     help="stop the daemon once the run's heartbeat is this many seconds old (default 120)")
-    sub.add_argument("--freeze-timeout", type=float, default=60.0,
-                     help="kill the daemon once its registry entry is this many seconds old (default 60; 0: never)")
+    sub.add_argument("--allowed-root", type=Path, action="append",
+                     help="folder the daemon may read and write (repeatable; default .)")
 
     sub = command("stop-daemons", _cmd_stop_daemons, "ask the daemons registered under a run folder to stop")
     sub.add_argument("--run-dir", type=Path, required=True)

@@ -12,11 +12,13 @@ class UserError(Exception):
 
 class EnvironmentalError(UserError):
     """The machine failed, not the data: no space left, an I/O error, no permission, a read-only file
-    system. Never recorded as a bad shard: the job fails naming the path and the cause, and a re-run
+    system, no file descriptor left. Never recorded as a bad shard: the job fails naming the path and the cause, and a re-run
     after the fix does the work."""
 
 
-ENVIRONMENTAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EPERM, errno.EROFS})
+ENVIRONMENTAL_ERRNOS = frozenset({
+    errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EPERM, errno.EROFS, errno.EMFILE, errno.ENFILE,
+})  # fmt: skip
 
 
 def environmental(error: BaseException) -> EnvironmentalError | None:

@@ -26,6 +26,9 @@ MODELS = ("esm2", "dnabert_s")
 MODEL_NAMES = ("esm2", "dnabert-s", "dnabert_s")
 """The model names accepted on the command line; ``canonical_model_name`` maps each to one of MODELS."""
 PRECISIONS = ("fp32", "bf16", "fp16")
+# A device setting for trials of a GPU cluster's setup without GPUs: the daemon takes a GPU slot (the
+# workflow asks for gpu=1, SLURM binds a device and sets CUDA_VISIBLE_DEVICES) but computes on the CPU.
+GPU_SLOT_CPU = "gpu-slot:cpu"
 """The precisions a model can run in (fp32: as published)."""
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ def load_embedder(model: str, weights: Path, device: str = "cpu", precision: str
     """Load one embedding model from local files onto ``device``."""
     dtype = torch_dtype(precision)
     check_device(device)
+    device = compute_device(device)
     model = canonical_model_name(model)
     if model == "esm2":
         from virnucpro.engines.esm2 import load_esm2
@@ -71,14 +75,19 @@ def load_embedder(model: str, weights: Path, device: str = "cpu", precision: str
     return load_dnabert_s(Path(weights), device=device, dtype=dtype)
 
 
+def compute_device(device: str) -> str:
+    """The torch device that a device setting computes on (``gpu-slot:cpu`` computes on the CPU)."""
+    return "cpu" if device == GPU_SLOT_CPU else device
+
+
 def check_device(device: str) -> None:
     """Refuse a device string that torch cannot use here, with a message that says why."""
     import torch
 
-    if device == "cpu":
+    if device in ("cpu", GPU_SLOT_CPU):
         return
     if not device.startswith("cuda"):
-        raise UserError(f"unknown device '{device}': use cpu, cuda or cuda:N")
+        raise UserError(f"unknown device '{device}': use cpu, cuda or cuda:N (or {GPU_SLOT_CPU}, for trials)")
     if not torch.cuda.is_available():
         raise UserError(f"device '{device}' requested but no CUDA GPU is visible here; use --device cpu")
     index = device.partition(":")[2]

@@ -36,6 +36,7 @@ STATUS_TIMEOUT = 2.0
 STOP_TIMEOUT = 5.0
 REGISTRY_POLL = 0.5
 ON_FAILURE = ("fail", "record")
+LOSS_EVENTS = ("lost", "frozen")  # RUN/events.jsonl kinds that mean a daemon is gone
 DEFAULT_TIMEOUT = 3600.0
 
 
@@ -47,9 +48,10 @@ class DaemonPool:
     """The daemons of one model registered in a run folder, as seen by one client."""
 
     def __init__(self, context: zmq.Context, run: RunDir, model: str, *, precision: str | None = None,
-                 fingerprint: str | None = None, stop_file: Path | None = None,
-                 stop_baseline: bytes | None = None):  # fmt: skip
+                 fingerprint: str | None = None, stop_file: Path | None = None, stop_baseline: bytes | None = None,
+                 session: str | None = None, restart_wait: float = RESTART_WAIT):  # fmt: skip
         self.context, self.run, self.model = context, run, model
+        self.session, self.restart_wait = session, restart_wait
         self.precision, self.fingerprint = precision, fingerprint
         self.stop_file = stop_file or run.stop_file
         self.stop_baseline = stop_baseline
@@ -65,11 +67,21 @@ class DaemonPool:
     def pick(self, until: float, started: float) -> dict | None:
         """The least-loaded ready daemon of the model, waiting for one until ``until`` (then None)."""
         last_progress = time.monotonic()
+        none_since: float | None = None  # since when the model has had no daemon, after one was lost
         while True:
             self.check_run()
             entries = registry.list_entries(self.run, self.model)
             if entries and all(entry.get("state") == State.FAILED for entry in entries):
                 raise UserError(f"every {self.model} daemon of {self.run.root} failed{self.failure_reasons()}")
+            if any(entry.get("state") != State.FAILED for entry in entries) or not self.losses():
+                none_since = None
+            else:
+                none_since = none_since or time.monotonic()
+                if time.monotonic() - none_since >= self.restart_wait:
+                    lost = self.losses()[-1]
+                    raise UserError(f"no {self.model} daemon can be had: {lost.get('daemon')} on "
+                                    f"{lost.get('host')} was lost ({lost.get('detail')}) and none came back "
+                                    f"within {self.restart_wait:.0f} s; see logs/daemons/ (a re-run resumes)")  # fmt: skip
             entries = [entry for entry in entries if self._suits(entry)]
             statuses = ask_all(self.context, self.run, entries, {"op": Op.STATUS.value}, STATUS_TIMEOUT)
             loads = {
@@ -90,6 +102,13 @@ class DaemonPool:
                          now - started)  # fmt: skip
                 last_progress = now
             time.sleep(min(REGISTRY_POLL, max(0.0, until - now)))
+
+    def losses(self) -> list[dict]:
+        """The losses of daemons of the model in this workflow run (none outside a workflow)."""
+        if self.session is None:
+            return []
+        return [event for event in self.run.read_events() if event.get("session") == self.session
+                and event.get("model") == self.model and event.get("event") in LOSS_EVENTS]  # fmt: skip
 
     def _suits(self, entry: dict) -> bool:
         return (
@@ -192,7 +211,7 @@ def request_embedding(
     context = zmq.Context()
     try:
         pool = DaemonPool(context, run, model, precision=precision, fingerprint=fingerprint, stop_file=stop_file,
-                          stop_baseline=baseline)  # fmt: skip
+                          stop_baseline=baseline, session=settings.get("session"), restart_wait=restart_wait)  # fmt: skip
         while True:
             entry = pool.pick(give_up_at, started)
             if entry is None and lost:

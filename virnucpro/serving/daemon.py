@@ -29,7 +29,7 @@ from virnucpro.serving.confine import Confinement
 from virnucpro.serving.protocol import (
     EmbedRequest, Op, ProtocolError, Reply, State, encode, parse_request, request_id, short,
 )  # fmt: skip
-from virnucpro.serving.rundir import RunDir, read_token
+from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir, read_token
 from virnucpro.serving.transport import TRANSPORTS
 from virnucpro.serving.stats import DaemonCounters, final_stats, write_stats
 from virnucpro.serving.worker import Job, Worker, done_record
@@ -76,6 +76,7 @@ class Daemon:
             "device": device, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"), "precision": precision,
             "state": State.LOADING.value, "reason": "",
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "heartbeat": time.time(),
+            "session": os.environ.get(SESSION_VARIABLE),
         }  # fmt: skip
 
     # --- the main loop ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -32,10 +33,11 @@ from pathlib import Path
 
 from virnucpro import atomic
 from virnucpro.errors import UserError
-from virnucpro.serving import registry
+from virnucpro.serving import registry, transport
 from virnucpro.serving.protocol import State
 from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir, read_token
 from virnucpro.serving.stats import read_stats, write_stats
+from virnucpro.serving.worker import prune_request_records
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ CHECK_EVERY = 0.5  # seconds between two checks of a serve job
 AFTER_ERROR = 5.0  # seconds after a failed job (no other job started since) before the daemons stop
 LEFTOVER_WAIT = 120.0  # seconds to wait at start for the daemons of an earlier run to exit
 KILL_GRACE = 10.0  # seconds past its drain grace that a daemon may take to exit before it is killed
+_DAEMON_OUTPUT = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)\.stats\.json")  # a serve job's output names its daemon
+DRAIN_GRACE = 25.0  # seconds a stopping daemon may take to finish its shard (serve --drain-grace)
 EXIT_LOST_LAST = 1
 EXIT_CANNOT_START = 2
 
@@ -79,6 +83,7 @@ class RunWatch:
 
         stop_daemons(self.run.root)  # a fresh token: every daemon of an earlier run stops
         wait_for_leftover_daemons(self.run)
+        log.debug("pruned %d request record(s) of earlier runs", prune_request_records(self.run))
         baseline = (read_token(self.run.stop_file) or b"").decode()
         self.run.write_settings({**self.settings, "session": self.session, "stop_baseline": baseline})
         logger.addHandler(_JobEvents(self))
@@ -97,6 +102,17 @@ class RunWatch:
             self.running.discard(jobid)
             if failed and rule not in self.daemon_rules:
                 self.failed_at = time.monotonic()
+
+    def serve_job_failed(self, daemon_id: str, started: float) -> None:
+        """A serve job that failed took its daemon with it, unless its serve job said what happened: record
+        the loss (a node lost, the job killed by the cluster) with what the registry knew of the daemon."""
+        if any(event.get("daemon") == daemon_id and event.get("time", 0) >= started
+               for event in self.run.read_events() if event.get("session") == self.session):  # fmt: skip
+            return
+        entry = registry.read_entry(self.run, daemon_id) or {}
+        self.run.record_event(event="lost", daemon=daemon_id, model=entry.get("model"), host=entry.get("host"),
+                              pid=entry.get("pid"), session=self.session, last_heartbeat=entry.get("heartbeat"),
+                              detail="its serve job failed (its node or job was lost)")  # fmt: skip
 
     def stop_daemons(self, why: str) -> None:
         if not self.stopped:
@@ -150,16 +166,22 @@ class _JobEvents(logging.Handler):
         super().__init__()
         self.watch = watch
         self.rules: dict[int, str] = {}
+        self.started: dict[int, float] = {}  # job ID -> time.time() it started
 
     def emit(self, record: logging.LogRecord) -> None:
         event = str(getattr(record, "event", ""))
         if event == "job_info":
             self.rules[record.jobid] = record.rule_name
+            self.started[record.jobid] = time.time()
             self.watch.job_started(record.jobid, record.rule_name)
         elif event == "job_finished":
             self.watch.job_ended(record.job_id, self.rules.get(record.job_id), failed=False)
         elif event == "job_error":
-            self.watch.job_ended(record.jobid, getattr(record, "rule_name", None), failed=True)
+            rule = getattr(record, "rule_name", None)
+            self.watch.job_ended(record.jobid, rule, failed=True)
+            daemon = _DAEMON_OUTPUT.search(str(getattr(record, "output", "")))
+            if rule in self.watch.daemon_rules and daemon:
+                self.watch.serve_job_failed(daemon.group(1), self.started.get(record.jobid, 0.0))
 
 
 def wait_for_leftover_daemons(run: RunDir, wait: float = LEFTOVER_WAIT) -> None:
@@ -201,10 +223,10 @@ class _Ended(Exception):
         self.code = code
 
 
-def serve_job(serve_args: list[str], *, run_dir: Path, daemon_id: str, model: str, stats_output: Path,
-              orphan_timeout: float, freeze_timeout: float, drain_grace: float) -> int:  # fmt: skip
-    """Run ``virnucpro serve SERVE_ARGS`` as a child and watch it and the run (see the module's doc); the
-    exit status for the serve job."""
+def serve_job(run_dir: Path, daemon_id: str, stats_output: Path, allowed_roots: list[Path]) -> int:
+    """Run the daemon ``daemon_id`` of the workflow run that owns ``run_dir`` as a child (``virnucpro serve``
+    with the settings the run recorded for it) and watch it and the run (see the module's doc); the exit
+    status for the serve job."""
     run = RunDir(run_dir)
     settings = run.read_settings()
     session = settings.get("session")
@@ -212,8 +234,23 @@ def serve_job(serve_args: list[str], *, run_dir: Path, daemon_id: str, model: st
         raise UserError(f"serve-job: no running workflow owns {run.root} (no settings for session "
                         f"${SESSION_VARIABLE}={os.environ.get(SESSION_VARIABLE)}): use 'virnucpro serve' "
                         "outside a workflow")  # fmt: skip
+    daemon = settings.get("daemons", {}).get(daemon_id)
+    if not isinstance(daemon, dict):
+        raise UserError(f"serve-job: the run's settings ({run.settings}) name no daemon '{daemon_id}'")
+    model = daemon["model"]
+    orphan_timeout, freeze_timeout = float(daemon["orphan_timeout"]), float(daemon["freeze_timeout"])
+    drain_grace = float(daemon.get("drain_grace", DRAIN_GRACE))
+    serve_args = [
+        "--model", model, "--weights", str(daemon["weights"]), "--device", daemon["device"],
+        "--precision", daemon["precision"], "--run-dir", str(run.root), "--stats-output", str(stats_output),
+        "--daemon-id", daemon_id, "--idle-timeout", "0", "--cache-clear-every", str(daemon["cache_clear_every"]),
+        "--drain-grace", str(drain_grace), "--transport", daemon["transport"],
+        "--bind-host", daemon.get("bind_host", "*"),
+    ]  # fmt: skip
+    for root in allowed_roots:
+        serve_args += ["--allowed-root", str(root)]
     baseline = str(settings.get("stop_baseline", "")).encode()
-    _record_earlier_loss(run, daemon_id, session)
+    _clear_earlier_entry(run, daemon_id, session)
     if (read_token(run.stop_file) or b"") != baseline:
         write_stats(stats_output, {"daemon_id": daemon_id, "model": model, "model_loads": 0, "shards": 0,
                                    "exit_reason": "not started: the run was ending"})  # fmt: skip
@@ -232,6 +269,8 @@ def serve_job(serve_args: list[str], *, run_dir: Path, daemon_id: str, model: st
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+        if child.poll() is not None:  # a daemon killed (frozen) or dead could not remove its ipc socket
+            transport.remove_dead_socket(run, daemon_id, child.pid)
     if code == 0:
         stats = read_stats(stats_output)
         write_stats(stats_output, {**stats, "session": session, "events": _events_of(run, session, daemon_id)})
@@ -339,18 +378,15 @@ class _Watcher:
             self.child.wait()
 
 
-def _record_earlier_loss(run: RunDir, daemon_id: str, session: str) -> None:
-    """An entry of this daemon ID left by an earlier attempt of this run whose process is gone: its serve
-    job was lost with it (e.g. its node died). Record that, and clear the entry."""
+def _clear_earlier_entry(run: RunDir, daemon_id: str, session: str) -> None:
+    """Remove an entry of this daemon ID left by an earlier attempt of this serve job (snakemake restarts a
+    job only once it failed: that daemon is gone, e.g. with its node, even if its heartbeat is recent), or
+    by a daemon that is gone."""
     entry = registry.read_entry(run, daemon_id)
-    if entry is None or entry.get("state") == State.FAILED:
+    if entry is None:
         return
-    if registry.is_alive(entry) and not registry.is_stale(entry):
-        return
-    run.record_event(event="lost", daemon=daemon_id, model=entry.get("model"), host=entry.get("host"),
-                     pid=entry.get("pid"), session=session, last_heartbeat=entry.get("heartbeat"),
-                     detail="its serve job ended without it stopping (node lost?)")  # fmt: skip
-    registry.remove_entry(run, daemon_id)
+    if entry.get("session") == session or not registry.is_alive(entry) or registry.is_stale(entry):
+        registry.remove_entry(run, daemon_id)
 
 
 def _events_of(run: RunDir, session: str, daemon_id: str) -> list[dict]:

@@ -15,7 +15,7 @@ rule aggregate_sample:
         "results/{sample}/reads.tsv",
         "results/{sample}/failures.tsv",
     params:
-        manifest=RUN.failures,
+        manifest=untracked(RUN.failures),
         output_dir=lambda wildcards, output: os.path.dirname(output[0]),
     log:
         "logs/aggregate/{sample}.log",

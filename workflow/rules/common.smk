@@ -13,11 +13,11 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
 
+from virnucpro.engines.embed import GPU_SLOT_CPU, MODELS
 from virnucpro.fingerprint import model_fingerprint
 from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir
 from virnucpro.serving.supervise import RunWatch, clear_stale_outputs, new_session
 
-MODELS = ("esm2", "dnabert_s")
 SAMPLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The workflow's own entries directly under results/ (not per sample): a sample of the same name would put
 # results/{sample}/ on or in them. Compared without letter case (case-insensitive file systems).
@@ -147,7 +147,8 @@ MAIN_PROCESS = not (workflow.remote_exec or workflow.subprocess_exec)  # not a j
 
 
 def is_gpu(device):
-    return device.startswith("cuda")
+    """Whether a daemon on `device` takes a GPU (gpu-slot:cpu takes one but computes on the CPU: trials)."""
+    return device.startswith("cuda") or device == GPU_SLOT_CPU
 
 
 def check_progress():
@@ -212,41 +213,37 @@ def get_daemon_stats():
     return expand("results/daemons/{daemon}.stats.json", daemon=DAEMONS)
 
 
-def get_daemon(key):
-    return lambda wildcards: DAEMONS[wildcards.daemon][key]
-
-
-def get_model_file(model):
-    """A model as an input: its fingerprint (a param) decides what is redone, never its timestamps."""
-    return ancient(config["models"][model])
-
-
-def get_daemon_weights(wildcards):
-    return get_model_file(DAEMONS[wildcards.daemon]["model"])
-
-
 def get_daemon_gpus(wildcards):
     return int(is_gpu(DAEMONS[wildcards.daemon]["device"]))
 
 
-def get_transport(wildcards=None):
-    """The config's transport; else ipc for a local run, tcp (across nodes) with a cluster executor."""
-    if config["transport"]:
-        return config["transport"]
-    if MAIN_PROCESS:
-        return "ipc" if workflow.local_exec else "tcp"
-    return "tcp"  # a job's own snakemake: only cluster jobs have one
+def get_daemon_settings():
+    """What each daemon is and how it serves, for the run's settings (read by its serve job): the config's
+    transport, else ipc for a local run and tcp (across nodes) with a cluster executor."""
+    transport = config["transport"] or ("ipc" if workflow.local_exec else "tcp")
+    return {
+        daemon: {
+            "model": spec["model"], "weights": os.path.abspath(config["models"][spec["model"]]),
+            "device": spec["device"], "precision": config["precision"], "transport": transport,
+            "cache_clear_every": config["cache_clear_every"], "orphan_timeout": config["orphan_timeout"],
+            "freeze_timeout": config["freeze_timeout"], "bind_host": config["bind_host"],
+        }
+        for daemon, spec in DAEMONS.items()
+    }  # fmt: skip
+
+
+def untracked(value):
+    """A param that cannot change a result (the run folder, how a job reaches its model): snakemake does not
+    track params computed from a job's output, so changing one never redoes finished work."""
+    return lambda wildcards, output: value
 
 
 def get_model_fingerprint(model):
-    """The identity of a model's files: embeddings (and predictions) made with another are redone."""
+    """The identity of a model's files (names, sizes, modification times): embeddings (and predictions) made
+    with another are redone; a model moved or copied elsewhere with its timestamps is the same. (Models are
+    not inputs, whose paths would decide instead; check_models checks that they exist.)"""
     path = config["models"][model]
     return model_fingerprint(path) if os.path.exists(path) else "absent"
-
-
-def get_embed_weights(model):
-    """The model as an input of in-process embedding jobs (daemon mode: the daemon holds it)."""
-    return [] if DAEMON_MODE else [get_model_file(model)]
 
 
 def get_embed_gpus(model):
@@ -256,10 +253,8 @@ def get_embed_gpus(model):
 
 def get_embed_access(model):
     """How an embedding job reaches its model, beyond --run-dir: a daemon (nothing more), or loading it
-    itself. Used in the shell command (EMBED_ACCESS), not as a param: it cannot change a result."""
+    itself (an untracked param: it cannot change a result)."""
     if DAEMON_MODE:
         return ""
     return f"--weights {shlex.quote(config['models'][model])} --device {config['daemons'][model][0]}"
 
-
-EMBED_ACCESS = {model: get_embed_access(model) for model in MODELS}

@@ -30,22 +30,18 @@ if MAIN_PROCESS:
 onstart:
     check_progress()
     RUN_WATCH.keep_going = bool(getattr(workflow.execution_settings, "keep_going", False))
+    RUN_WATCH.settings["daemons"] = get_daemon_settings()
     RUN_WATCH.start(logger)
 
 
+# A serve job has no tracked params and no input: what its daemon is (model, device, precision, transport,
+# timeouts) is in the run's settings (RUN_DIR/settings.json, written at start), so that changing any
+# of it never makes snakemake redo finished work; the embeddings depend on the model (embed.smk).
 rule serve_model:
-    input:
-        weights=get_daemon_weights,
     output:
         temp("results/daemons/{daemon}.stats.json"),
     params:
-        model=get_daemon("model"),
-        device=get_daemon("device"),
-        precision=config["precision"],
-        transport=get_transport,
-        orphan_timeout=config["orphan_timeout"],
-        freeze_timeout=config["freeze_timeout"],
-        cache_clear_every=config["cache_clear_every"],
+        run_dir=untracked(RUN_DIR),
     log:
         "logs/daemons/{daemon}.log",
     threads: 1
@@ -56,11 +52,8 @@ rule serve_model:
     conda:
         "../../envs/virnucpro.yaml"
     shell:
-        "virnucpro serve-job --model {params.model} --weights {input.weights:q} --device {params.device}"
-        " --precision {params.precision} --run-dir {RUN_DIR:q} --stats-output {output:q}"
-        " --daemon-id {wildcards.daemon} --cache-clear-every {params.cache_clear_every}"
-        " --allowed-root results --transport {params.transport} --orphan-timeout {params.orphan_timeout}"
-        " --freeze-timeout {params.freeze_timeout} 2>> {log:q}"
+        "virnucpro serve-job --run-dir {params.run_dir:q} --daemon-id {wildcards.daemon} --stats-output {output:q}"
+        " --allowed-root results 2>> {log:q}"
 
 
 rule stop_daemons:
@@ -68,13 +61,15 @@ rule stop_daemons:
         get_all_embeddings,
     output:
         temp(touch("results/daemons/stop.done")),
+    params:
+        run_dir=untracked(RUN_DIR),
     log:
         "logs/daemons/stop.log",
     priority: 100
     conda:
         "../../envs/virnucpro.yaml"
     shell:
-        "virnucpro stop-daemons --run-dir {RUN_DIR:q} 2> {log:q}"
+        "virnucpro stop-daemons --run-dir {params.run_dir:q} 2> {log:q}"
 
 
 rule collect_run_stats:
@@ -83,9 +78,11 @@ rule collect_run_stats:
         stats=get_daemon_stats(),
     output:
         report("results/run_stats.json", caption="../report/run_stats.rst", category="Run statistics"),
+    params:
+        run_dir=untracked(RUN_DIR),
     log:
         "logs/daemons/run_stats.log",
     conda:
         "../../envs/virnucpro.yaml"
     shell:
-        "virnucpro run-stats {input.stats:q} --run-dir {RUN_DIR:q} --output {output:q} 2> {log:q}"
+        "virnucpro run-stats {input.stats:q} --run-dir {params.run_dir:q} --output {output:q} 2> {log:q}"

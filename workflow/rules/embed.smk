@@ -1,20 +1,21 @@
-# Stage 4: embed every shard with both models. In daemon mode each job is a light client that hands
+# Stage 4: embed every shard with both models (the models are checked at start, common.smk). In daemon mode each job is a light client that hands
 # the shard to a running daemon (daemons.smk) and waits; in in_process mode it loads the model
 # itself. An embedding depends on what made it: the model's files (their fingerprint) and the
-# precision are params, so changing either re-embeds; how a job reaches its model, its timeout and
-# the failure policy are not (they come from the run's settings, RUN_DIR/settings.json), so changing
-# them never does. A shard that fails for good is in the failure manifest either way.
+# precision are params, so changing either re-embeds; how a job reaches its model is an untracked
+# param, and its timeout and the failure policy come from the run's settings (RUN_DIR/settings.json),
+# so changing them never does. A shard that fails for good is in the failure manifest either way.
 
 
 rule embed_esm2:
     input:
         shard="results/{sample}/work/shards/{shard}.faa",
-        weights=get_embed_weights("esm2"),
     output:
         "results/{sample}/work/embeddings/{shard}.esm2.pt",
     params:
         model=get_model_fingerprint("esm2"),
         precision=config["precision"],
+        run_dir=untracked(RUN_DIR),
+        access=untracked(get_embed_access("esm2")),
     log:
         "logs/embed/{sample}/{shard}.esm2.log",
     resources:
@@ -24,18 +25,19 @@ rule embed_esm2:
     shell:
         "virnucpro embed {input.shard:q} --model esm2 --output {output:q} --sample {wildcards.sample}"
         " --shard {wildcards.shard} --precision {params.precision} --model-fingerprint {params.model}"
-        " --run-dir {RUN_DIR:q} {EMBED_ACCESS[esm2]} 2> {log:q}"
+        " --run-dir {params.run_dir:q} {params.access} 2> {log:q}"
 
 
 rule embed_dnabert_s:
     input:
         shard="results/{sample}/work/shards/{shard}.fa",
-        weights=get_embed_weights("dnabert_s"),
     output:
         "results/{sample}/work/embeddings/{shard}.dnabert_s.pt",
     params:
         model=get_model_fingerprint("dnabert_s"),
         precision=config["precision"],
+        run_dir=untracked(RUN_DIR),
+        access=untracked(get_embed_access("dnabert_s")),
     log:
         "logs/embed/{sample}/{shard}.dnabert_s.log",
     resources:
@@ -45,4 +47,4 @@ rule embed_dnabert_s:
     shell:
         "virnucpro embed {input.shard:q} --model dnabert_s --output {output:q} --sample {wildcards.sample}"
         " --shard {wildcards.shard} --precision {params.precision} --model-fingerprint {params.model}"
-        " --run-dir {RUN_DIR:q} {EMBED_ACCESS[dnabert_s]} 2> {log:q}"
+        " --run-dir {params.run_dir:q} {params.access} 2> {log:q}"
