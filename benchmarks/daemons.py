@@ -117,6 +117,7 @@ def warm_overhead(directory: Path, model: str, weights: Path, shards: int, seque
     if directory.exists():
         shutil.rmtree(directory)
     inputs = [_common.write_fasta(directory / "in" / f"s{i}.fa", [sequence]) for i in range(shards)]
+    (directory / "out").mkdir()  # daemons write into existing folders only
     daemon_id = f"bench-{model}"
     process = _common.start_daemon(model, weights, run_dir, daemon_id, directory, directory / "daemon.log")
     virnucpro = str(Path(sys.executable).parent / "virnucpro")

@@ -27,7 +27,6 @@ CPU with small shapes (to check the script, not to measure anything).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -37,6 +36,7 @@ from functools import partial
 from pathlib import Path
 
 from benchmarks import _common
+from virnucpro.atomic import write_json
 
 REAL = {"esm": (36, 2560, 40), "dnabert": (12, 768, 12, 3072), "frames": 10000, "engine_frames": 2000,
         "fp32_frames": 500, "one_at_a_time": 500, "budgets": (2048, 8192, 16384, 32768)}  # fmt: skip
@@ -223,6 +223,7 @@ def daemon_section(workdir: Path, shard: tuple[Path, Path], models: dict[str, Pa
         for model, daemon_id in ids.items()
     ]  # fmt: skip
     trips: dict[str, float] = {}
+    (workdir / "embeddings").mkdir(exist_ok=True)  # daemons write into existing folders only
     try:
         ready = {model: _common.wait_ready(run_dir, model, 1, processes, timeout=600) for model in ids}
 
@@ -339,7 +340,7 @@ def main() -> int:
     print(f"total {results['total_s']:.0f} s")
     target = args.json or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else None)
     if target:
-        target.write_text(json.dumps(results, indent=1) + "\n")
+        write_json(target, results)
         print(f"wrote {target}")
     return 0
 
