@@ -49,7 +49,7 @@ class TranslateSummary:
 def translate_codons(seq: str) -> str:
     """Translate codon by codon from the start; a codon with a letter other than A/C/G/T is dropped."""
     get = CODON_TABLE.get
-    return "".join([get(seq[i:i + 3], "") for i in range(0, len(seq) - 2, 3)])
+    return "".join([get(seq[i : i + 3], "") for i in range(0, len(seq) - 2, 3)])
 
 
 def _offsets_with_stop(seq: str) -> set[int]:
@@ -76,15 +76,13 @@ def six_frames(chunk_id: str, sequence: str) -> list[Frame]:
         for i in (1, 2, 3):
             if i - 1 in with_stop:
                 continue
-            protein = translate_codons(seq[i - 1:])
+            protein = translate_codons(seq[i - 1 :])
             if protein:
-                frames.append(Frame(f"{chunk_id}{strand}{i}", seq[i - 1:i + 3 * len(protein)],
-                                    protein))
+                frames.append(Frame(f"{chunk_id}{strand}{i}", seq[i - 1 : i + 3 * len(protein)], protein))
     return frames
 
 
-def translate_fasta(chunked_path: Path, nucleotide_output: Path,
-                    protein_output: Path) -> TranslateSummary:
+def translate_fasta(chunked_path: Path, nucleotide_output: Path, protein_output: Path) -> TranslateSummary:
     """Write the kept frames' nucleotide slices and proteins, in chunk order then frame order."""
     chunks = frames = 0
     with atomic_output(nucleotide_output) as nucleotides, atomic_output(protein_output) as proteins:
