@@ -198,9 +198,7 @@ def _cmd_models_download(args: argparse.Namespace) -> None:
     from virnucpro.engines.download import download_models, parse_base_url, resolve_base_urls
 
     overrides = dict(parse_base_url(text) for text in args.base_url or [])
-    results = download_models(
-        args.dest, groups=args.only, base_urls=resolve_base_urls(overrides, mirror=args.mirror)
-    )
+    results = download_models(args.dest, groups=args.only, base_urls=resolve_base_urls(overrides, mirror=args.mirror))
     counts: dict[str, int] = {}
     for result in results:
         counts[result.action] = counts.get(result.action, 0) + 1
