@@ -10,7 +10,13 @@ import subprocess
 
 import pytest
 from runs import (
-    DEMO_READS, assert_same_outputs, embeddings, kill_all_in, run_workflow, snakemake, write_config,
+    DEMO_READS,
+    assert_same_outputs,
+    embeddings,
+    kill_all_in,
+    run_workflow,
+    snakemake,
+    write_config,
 )  # fmt: skip
 
 from virnucpro.engines.embed import read_embeddings
@@ -61,7 +67,9 @@ def test_a_disk_that_fills_up_fails_the_run_cleanly_and_a_rerun_after_freeing_it
                                                                                         reference):  # fmt: skip
     workdir = small_disk
     write_config(workdir, test_models, {"demo": str(DEMO_READS)}, shard_size=SHARD_SIZE, failure_policy="continue")
-    prepared = snakemake(workdir, "--cores", "3", "--configfile", str(workdir / "config.yaml"), "--until", "shard_frames")
+    prepared = snakemake(
+        workdir, "--cores", "3", "--configfile", str(workdir / "config.yaml"), "--until", "shard_frames"
+    )
     assert prepared.returncode == 0, prepared.stdout[-5000:]
     assert fill(workdir / "results") > 0
 

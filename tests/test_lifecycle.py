@@ -9,18 +9,26 @@ progress, are in test_workflow.py.) Run with -s to see the graces measured.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-
 from runs import (
-    DEMO_READS, assert_same_outputs, daemons_in, descendants, kill_all_in, run_stats, run_workflow, seconds_until_no_daemon,
-    shard_count, snakemake, start_run, wait_for_embeddings, write_config,
+    DEMO_READS,
+    assert_same_outputs,
+    daemons_in,
+    descendants,
+    kill_all_in,
+    run_stats,
+    run_workflow,
+    seconds_until_no_daemon,
+    shard_count,
+    snakemake,
+    start_run,
+    wait_for_embeddings,
+    write_config,
 )
 
 from virnucpro.serving.supervise import HEARTBEAT_EVERY
@@ -74,7 +82,7 @@ def test_a_failing_shard_job_ends_the_run_and_its_daemons_within_seconds(run_dir
     broken = run_dir / "500_model.pth"
     broken.write_bytes(b"not a classifier")  # every classify job fails, while the daemons serve
     models = dict(test_models, classifier_500=broken)
-    config = write_config(run_dir, models, {"demo": str(DEMO_READS)}, shard_size=SHARD_SIZE)
+    write_config(run_dir, models, {"demo": str(DEMO_READS)}, shard_size=SHARD_SIZE)
     run = start_run(run_dir, cores=4)
     deadline = time.monotonic() + 300
     while "Error in rule classify_shard" not in (run_dir / "snakemake.out").read_text():

@@ -14,8 +14,21 @@ from pathlib import Path
 import pytest
 import yaml
 from runs import (
-    DEMO_READS, assert_same_outputs, daemon_pids, daemons_in, embeddings, kill_all_in, run_output, run_stats,
-    run_workflow, shard_count, snakemake, start_run, wait_for_embeddings, wait_until, write_config,
+    DEMO_READS,
+    assert_same_outputs,
+    daemon_pids,
+    daemons_in,
+    embeddings,
+    kill_all_in,
+    run_output,
+    run_stats,
+    run_workflow,
+    shard_count,
+    snakemake,
+    start_run,
+    wait_for_embeddings,
+    wait_until,
+    write_config,
 )  # fmt: skip
 
 from virnucpro.manifest import read_failures
@@ -231,7 +244,9 @@ def test_settings_that_cannot_change_a_result_redo_nothing(workdir, reference, c
 
 def test_a_shard_that_failed_then_succeeded_leaves_no_failure_behind(workdir, test_models, reference):
     configure(workdir, test_models, failure_policy="fail")
-    prepared = snakemake(workdir, "--cores", "3", "--configfile", str(workdir / "config.yaml"), "--until", "shard_frames")
+    prepared = snakemake(
+        workdir, "--cores", "3", "--configfile", str(workdir / "config.yaml"), "--until", "shard_frames"
+    )
     assert prepared.returncode == 0, prepared.stdout[-5000:]
     shard = workdir / "results" / "demo" / "work" / "shards" / "shard_00002.faa"
     good = shard.read_bytes()

@@ -12,9 +12,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from runs import (
-    BIN, DEMO_READS, IDLE_TIMEOUT, REPO, serve_processes, snakemake, snakemake_command, write_config,
+    BIN,
+    DEMO_READS,
+    IDLE_TIMEOUT,
+    REPO,
+    serve_processes,
+    snakemake,
+    snakemake_command,
+    write_config,
 )
 
 pytestmark = pytest.mark.slow
@@ -40,7 +46,9 @@ def slurm_env() -> dict[str, str]:
     if os.geteuid() != 0 and shutil.which("sbatch") is None:
         pytest.skip("SLURM is not installed and installing it (apt-get install slurm-wlm munge) needs root")
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", REAL_MEMORY_MB=str(NODE_MEMORY_MB))
-    started = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=900)
+    started = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=900
+    )
     assert started.returncode == 0, started.stdout + started.stderr
     export = started.stdout.strip().splitlines()[-1]
     assert export.startswith("export SLURM_CONF="), started.stdout
@@ -107,7 +115,14 @@ def test_the_embedding_clients_ran_locally_and_the_other_steps_as_slurm_jobs(run
     out = (runs["slurm"] / "snakemake.out").read_text()
     assert "localrule embed_esm2:" in out and "localrule embed_dnabert_s:" in out
     assert "rule embed_esm2:" not in out.replace("localrule embed_esm2:", "")
-    for rule in ("serve_model", "chunk_reads", "translate_chunks", "shard_frames", "classify_shard", "aggregate_sample"):
+    for rule in (
+        "serve_model",
+        "chunk_reads",
+        "translate_chunks",
+        "shard_frames",
+        "classify_shard",
+        "aggregate_sample",
+    ):
         assert list((runs["slurm"] / "logs" / "slurm" / f"rule_{rule}").glob("*/*.log")), rule
 
 
@@ -123,7 +138,9 @@ def test_a_run_that_failed_before_its_daemons_started_ends_them_without_waiting_
     # trap): snakemake itself writes the stop token. The serve jobs are held in the queue until then
     # (as if they waited for GPUs), see no change of the token themselves, and their shells end them.
     config = write_config(tmp_path, test_models, {"demo": str(DEMO_READS)})
-    profile = write_profile(tmp_path, chunk_reads={"constraint": "no_such_feature"}, serve_model={"slurm_extra": "--hold"})
+    profile = write_profile(
+        tmp_path, chunk_reads={"constraint": "no_such_feature"}, serve_model={"slurm_extra": "--hold"}
+    )
     command = snakemake_command(tmp_path, "--workflow-profile", str(profile), "--configfile", str(config))
     with open(tmp_path / "snakemake.out", "w") as out:
         run = subprocess.Popen(command, cwd=tmp_path, env=slurm_env, stdout=out, stderr=subprocess.STDOUT)

@@ -11,7 +11,16 @@ import time
 
 import pytest
 from runs import (
-    ABSENT_MODELS, BIN, DEMO_READS, IDLE_TIMEOUT, SAMPLE_OUTPUTS, daemons_in, line_with, pid_alive, read_ids, snakemake,
+    ABSENT_MODELS,
+    BIN,
+    DEMO_READS,
+    IDLE_TIMEOUT,
+    SAMPLE_OUTPUTS,
+    daemons_in,
+    line_with,
+    pid_alive,
+    read_ids,
+    snakemake,
     write_config,
 )
 

@@ -250,25 +250,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("input", type=Path, help="FASTA to embed")
     sub.add_argument("--model", choices=MODEL_CHOICES, required=True)
     sub.add_argument("--output", type=Path, required=True, help="embedding file to write (.pt)")
-    sub.add_argument("--weights", type=Path,
-                     help="model file or snapshot folder: embed in this process (else ask a daemon of --run-dir)")
+    sub.add_argument(
+        "--weights",
+        type=Path,
+        help="model file or snapshot folder: embed in this process (else ask a daemon of --run-dir)",
+    )
     sub.add_argument("--device", default="cpu", help="in-process: cpu, cuda or cuda:N (default cpu)")
-    sub.add_argument("--precision", choices=PRECISIONS,
-                     help="in-process: default fp32; daemon mode: only ask daemons of this precision")
+    sub.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="in-process: default fp32; daemon mode: only ask daemons of this precision",
+    )
     sub.add_argument("--run-dir", type=Path,
                      help="the run folder: without --weights, send the file to a daemon registered there; with "
                      "--weights, record failures in its manifest. Inside a workflow run, --timeout and --on-failure "
                      "default to the run's settings (RUN_DIR/settings.json)")  # fmt: skip
-    sub.add_argument("--model-fingerprint",
-                     help="daemon mode: only ask daemons holding the model of this fingerprint")
+    sub.add_argument("--model-fingerprint", help="daemon mode: only ask daemons holding the model of this fingerprint")
     sub.add_argument("--sample", default="", help="sample name, for the failure manifest")
     sub.add_argument("--shard", default="", help="shard name, for the failure manifest")
     sub.add_argument("--timeout", type=float, help="seconds to wait for a daemon (default 3600)")
     sub.add_argument("--on-failure", choices=("fail", "record"),
                      help="a shard that fails for good: exit non-zero (fail, default), or, once it is in the failure "
                      "manifest, write an embedding file with no rows and exit 0 with a warning (record)")  # fmt: skip
-    sub.add_argument("--failure-manifest", type=Path,
-                     help="in-process mode: record failures in this manifest (daemon mode: RUN_DIR/failures.tsv)")
+    sub.add_argument(
+        "--failure-manifest",
+        type=Path,
+        help="in-process mode: record failures in this manifest (daemon mode: RUN_DIR/failures.tsv)",
+    )
     sub.add_argument("--stop-file", type=Path,
                      help="daemon mode: give up waiting for a daemon once this file's content changes "
                      "(default: the run folder's stop file)")  # fmt: skip
@@ -329,35 +337,60 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--stats-output", type=Path, required=True, help="statistics JSON written on exit")
     sub.add_argument("--daemon-id", default=None, help="name in the registry (default: model-host-pid)")
     sub.add_argument(
-        "--allowed-root", type=Path, action="append", help="folder the daemon may read and write (repeatable; default .)"
+        "--allowed-root",
+        type=Path,
+        action="append",
+        help="folder the daemon may read and write (repeatable; default .)",
     )
     sub.add_argument("--idle-timeout", type=float, default=600.0, help="exit after this many idle seconds")
     sub.add_argument("--cache-clear-every", type=int, default=10, help="clear the CUDA cache every N shards")
-    sub.add_argument("--stop-file", type=Path, help="stop once this file's content differs from its content at start (default: RUN_DIR/stop)")
-    sub.add_argument("--max-queue", type=int, default=32,
-                     help="shards accepted at once (queued or running); more get 'busy, retry after' (default 32)")
-    sub.add_argument("--drain-grace", type=float, default=25.0,
-                     help="when stopping, seconds to finish the shard in progress before handing it back (default 25)")
+    sub.add_argument(
+        "--stop-file",
+        type=Path,
+        help="stop once this file's content differs from its content at start (default: RUN_DIR/stop)",
+    )
+    sub.add_argument(
+        "--max-queue",
+        type=int,
+        default=32,
+        help="shards accepted at once (queued or running); more get 'busy, retry after' (default 32)",
+    )
+    sub.add_argument(
+        "--drain-grace",
+        type=float,
+        default=25.0,
+        help="when stopping, seconds to finish the shard in progress before handing it back (default 25)",
+    )
     sub.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
                      help="ipc: a private local socket (default); tcp: across nodes, CURVE-encrypted and "
                      "authenticated with the run's keys in RUN_DIR/keys/")  # fmt: skip
     sub.add_argument("--bind-host", default="*", help="tcp: interface address to listen on (default: all)")
 
-    sub = command("serve-job", _cmd_serve_job,
-                  "a workflow's serve job: run one of the run's daemons (its model, device and settings are in "
-                  "RUN_DIR/settings.json) as a child, stop it when the run is gone, kill it when it freezes; exit 0 "
-                  "when it stopped or its work is taken over, 1 when a restart must replace it, 2 when it cannot start")
+    sub = command(
+        "serve-job",
+        _cmd_serve_job,
+        "a workflow's serve job: run one of the run's daemons (its model, device and settings are in "
+        "RUN_DIR/settings.json) as a child, stop it when the run is gone, kill it when it freezes; exit 0 "
+        "when it stopped or its work is taken over, 1 when a restart must replace it, 2 when it cannot start",
+    )
     sub.add_argument("--run-dir", type=Path, required=True, help="the run folder of the workflow run")
     sub.add_argument("--daemon-id", required=True, help="the daemon, as the run's settings name it")
     sub.add_argument("--stats-output", type=Path, required=True, help="statistics JSON written on exit")
-    sub.add_argument("--allowed-root", type=Path, action="append",
-                     help="folder the daemon may read and write (repeatable; default .)")
+    sub.add_argument(
+        "--allowed-root",
+        type=Path,
+        action="append",
+        help="folder the daemon may read and write (repeatable; default .)",
+    )
 
     sub = command("stop-daemons", _cmd_stop_daemons, "ask the daemons registered under a run folder to stop")
     sub.add_argument("--run-dir", type=Path, required=True)
     sub.add_argument("--model", choices=MODEL_CHOICES, help="only daemons of this model")
-    sub.add_argument("--stop-file", type=Path,
-                     help="write the fresh stop token here instead of RUN_DIR/stop (daemons started with --stop-file)")
+    sub.add_argument(
+        "--stop-file",
+        type=Path,
+        help="write the fresh stop token here instead of RUN_DIR/stop (daemons started with --stop-file)",
+    )
 
     from virnucpro.engines.download import GROUPS  # stdlib only: cheap
 

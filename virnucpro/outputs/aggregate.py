@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,21 +188,3 @@ def _write_failures(path: Path, failures: list[dict[str, str]]) -> None:
         out.write("\t".join(MANIFEST_COLUMNS) + "\n")
         for row in failures:
             out.write("\t".join(escape_field(row.get(column, "")) for column in MANIFEST_COLUMNS) + "\n")
-
-
-def write_run_stats(daemon_stats: list[Path], output: Path) -> None:
-    """Collect the daemons' statistics files into ``run_stats.json``."""
-    daemons = []
-    for path in daemon_stats:
-        try:
-            daemons.append(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as error:
-            raise UserError(f"{path}: unreadable daemon statistics ({error})") from None
-    summary = {
-        "daemons": daemons,
-        "model_loads": sum(int(entry.get("model_loads", 0)) for entry in daemons),
-        "shards": sum(int(entry.get("shards", 0)) for entry in daemons),
-    }
-    with atomic_output(Path(output)) as out:
-        json.dump(summary, out, indent=2)
-        out.write("\n")

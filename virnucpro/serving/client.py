@@ -144,7 +144,10 @@ class DaemonPool:
                         last_progress = heard
                     continue
                 if not registry.is_alive(entry) or now - heard > LOST_AFTER:
-                    return {"reply": (Reply.LOST if accepted else Reply.UNREACHABLE).value, "message": "no sign of life"}
+                    return {
+                        "reply": (Reply.LOST if accepted else Reply.UNREACHABLE).value,
+                        "message": "no sign of life",
+                    }
         except zmq.ZMQError as error:
             return {"reply": (Reply.LOST if accepted else Reply.UNREACHABLE).value, "message": str(error)}
         finally:
@@ -190,6 +193,7 @@ def request_embedding(
     stop_file = Path(stop_file) if stop_file else run.stop_file
     baseline = settings.get("stop_baseline")
     baseline = baseline.encode() if isinstance(baseline, str) and stop_file == run.stop_file else read_token(stop_file)
+    Path(output_path).parent.mkdir(parents=True, exist_ok=True)  # the daemon writes into existing folders only
     request = EmbedRequest(input=os.path.abspath(input_path), output=os.path.abspath(output_path), sample=sample,
                            shard=shard, fingerprint=fingerprint)  # fmt: skip
     shard_key = {"sample": sample, "stage": f"embed_{model}", "shard": shard}

@@ -27,11 +27,19 @@ from virnucpro.fingerprint import model_fingerprint
 from virnucpro.serving import registry, transport
 from virnucpro.serving.confine import Confinement
 from virnucpro.serving.protocol import (
-    EmbedRequest, Op, ProtocolError, Reply, State, encode, parse_request, request_id, short,
+    EmbedRequest,
+    Op,
+    ProtocolError,
+    Reply,
+    State,
+    encode,
+    parse_request,
+    request_id,
+    short,
 )  # fmt: skip
 from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir, read_token
-from virnucpro.serving.transport import TRANSPORTS
 from virnucpro.serving.stats import DaemonCounters, final_stats, write_stats
+from virnucpro.serving.transport import TRANSPORTS
 from virnucpro.serving.worker import Job, Worker, done_record
 
 log = logging.getLogger(__name__)
@@ -200,7 +208,10 @@ class Daemon:
                 reply = {"reply": Reply.ERROR.value, "message": str(error)}
             except Exception as error:  # never let one request take the daemon down
                 log.exception("daemon %s: error while handling a request", self.daemon_id)
-                reply = {"reply": Reply.ERROR.value, "message": f"internal error: {type(error).__name__}: {short(error)}"}
+                reply = {
+                    "reply": Reply.ERROR.value,
+                    "message": f"internal error: {type(error).__name__}: {short(error)}",
+                }
             self._send(router, identity, reply)
 
     def _handle(self, router: zmq.Socket, identity: bytes, message: dict) -> dict:
@@ -225,7 +236,11 @@ class Daemon:
         if self.stop_reason is not None:
             return {"reply": Reply.STOPPING.value, "message": f"daemon {self.daemon_id} is stopping"}
         if self.entry["state"] != State.READY:
-            return {"reply": Reply.BUSY.value, "retry_after": 1.0, "message": f"daemon {self.daemon_id} is still loading"}
+            return {
+                "reply": Reply.BUSY.value,
+                "retry_after": 1.0,
+                "message": f"daemon {self.daemon_id} is still loading",
+            }
         if request.fingerprint not in (None, self.fingerprint):
             raise ProtocolError(f"daemon {self.daemon_id} holds {self.model} {self.fingerprint} ({self.weights}), "
                                 f"not the requested {short(request.fingerprint)}")  # fmt: skip

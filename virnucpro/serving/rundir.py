@@ -25,7 +25,6 @@ from pathlib import Path
 
 from virnucpro import atomic
 
-
 SESSION_VARIABLE = "VIRNUCPRO_SESSION"  # the workflow run (session) a job belongs to, set by its main process
 
 

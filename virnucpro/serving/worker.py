@@ -164,7 +164,10 @@ class Worker:
         for attempt in (1, 2):
             names: dict[str, str] = {}  # descriptor paths -> the files' names, for messages
             try:
-                with self.confinement.open_input(job.input) as source, self.confinement.output_folder(job.output) as folder:
+                with (
+                    self.confinement.open_input(job.input) as source,
+                    self.confinement.output_folder(job.output) as folder,
+                ):
                     target = folder / os.path.basename(job.output)
                     replace = job.replace  # decided when asked: an output that appears meanwhile is kept
                     names.update({str(source): job.input, str(folder): os.path.dirname(job.output)})

@@ -257,4 +257,3 @@ def get_embed_access(model):
     if DAEMON_MODE:
         return ""
     return f"--weights {shlex.quote(config['models'][model])} --device {config['daemons'][model][0]}"
-
