@@ -163,6 +163,11 @@ def daemons_in(workdir: Path) -> dict[int, str]:
     return {pid: line for pid, line in processes_in(workdir).items() if "virnucpro serve " in line}
 
 
+def serve_jobs_in(workdir: Path) -> dict[int, str]:
+    """The serve jobs' supervisors (`virnucpro serve-job`) working in `workdir`."""
+    return {pid: line for pid, line in processes_in(workdir).items() if "virnucpro serve-job " in line}
+
+
 def daemon_pids(workdir: Path, daemon_id: str) -> list[int]:
     return [pid for pid, line in daemons_in(workdir).items() if f"--daemon-id {daemon_id} " in line]
 

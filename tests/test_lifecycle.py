@@ -24,10 +24,12 @@ from runs import (
     run_stats,
     run_workflow,
     seconds_until_no_daemon,
+    serve_jobs_in,
     shard_count,
     snakemake,
     start_run,
     wait_for_embeddings,
+    wait_until,
     write_config,
 )
 
@@ -136,6 +138,7 @@ def test_a_daemon_outlives_its_killed_snakemake_by_the_orphan_timeout_at_most(ru
     grace = seconds_until_no_daemon(run_dir, killed, limit=ORPHAN_TIMEOUT + 30)
     print(f"SIGKILL of snakemake alone: daemons gone after {grace:.1f} s (orphan_timeout {ORPHAN_TIMEOUT} s)")
     assert ORPHAN_TIMEOUT - HEARTBEAT_EVERY - 1 <= grace <= ORPHAN_TIMEOUT + 10
+    wait_until(lambda: not serve_jobs_in(run_dir), 60, "the serve jobs ended after their daemons")
     for log in (run_dir / "logs" / "daemons").glob("*-0.log"):
         assert "the run that started daemon" in log.read_text(), log.name
     assert not list((run_dir / "results" / "daemons").glob("*.stats.json"))  # no statistics of a dead run

@@ -134,9 +134,9 @@ def test_no_slurm_job_and_no_daemon_is_left_after_the_run(runs, slurm_env):
 def test_a_run_that_failed_before_its_daemons_started_ends_them_without_waiting_for_their_idle_timeout(
     slurm_env, test_models, tmp_path
 ):
-    # sbatch refuses the first job (a node feature that no node has), so no job shell runs (nor its
-    # trap): snakemake itself writes the stop token. The serve jobs are held in the queue until then
-    # (as if they waited for GPUs), see no change of the token themselves, and their shells end them.
+    # sbatch refuses the first job (a node feature that no node has): the run's watch writes the stop
+    # token. The serve jobs are held in the queue until then (as if they waited for GPUs); once they
+    # start they find the token changed since the run began, and do not start their daemons.
     config = write_config(tmp_path, test_models, {"demo": str(DEMO_READS)})
     profile = write_profile(
         tmp_path, chunk_reads={"constraint": "no_such_feature"}, serve_model={"slurm_extra": "--hold"}
@@ -157,7 +157,7 @@ def test_a_run_that_failed_before_its_daemons_started_ends_them_without_waiting_
     output = (tmp_path / "snakemake.out").read_text()
     assert run.returncode != 0 and "Error in rule chunk_reads" in output
     for log in (tmp_path / "logs" / "daemons").glob("*-0.log"):
-        assert "SIGTERM received" in log.read_text(), log.name
+        assert "the run is ending; not starting the daemon" in log.read_text(), log.name
     assert slurm_jobs(slurm_env) == "" and serve_processes(tmp_path) == []
 
 
