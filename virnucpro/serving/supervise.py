@@ -64,12 +64,15 @@ class RunWatch:
     """The workflow run's side of the daemons' lifecycle; ``start`` it in snakemake's ``onstart``."""
 
     def __init__(self, run: RunDir, session: str, *, idle_timeout: float, keep_going: bool, settings: dict,
-                 daemon_rules: tuple[str, ...] = ("serve_model",)):  # fmt: skip
+                 daemon_rules: tuple[str, ...] = ("serve_model",), daemon_restarts: int | None = None):  # fmt: skip
         self.run, self.session = run, session
         self.idle_timeout, self.keep_going = idle_timeout, keep_going
         self.settings, self.daemon_rules = settings, daemon_rules
+        self.daemon_restarts = daemon_restarts  # the serve rule's retries: a serve job failed once more is failed
+        self.serve_failures: dict[str, int] = {}  # daemon ID -> how often its serve job failed
         self.running: set[int] = set()  # IDs of the jobs running now, serve jobs left out
-        self.failed_at: float | None = None  # when the last job (not a serve job) failed
+        self.failed_at: float | None = None  # when the last job (not a serve job, unless restarted no more) failed
+        self.failure = "a job failed"
         self.started_at = 0.0  # when the last job (not a serve job) started
         self.quiet_since: float | None = None
         self.stopped = False
@@ -101,18 +104,30 @@ class RunWatch:
         with self.lock:
             self.running.discard(jobid)
             if failed and rule not in self.daemon_rules:
-                self.failed_at = time.monotonic()
+                self.failed_at, self.failure = time.monotonic(), "a job failed"
 
     def serve_job_failed(self, daemon_id: str, started: float) -> None:
         """A serve job that failed took its daemon with it, unless its serve job said what happened: record
-        the loss (a node lost, the job killed by the cluster) with what the registry knew of the daemon."""
+        the loss (a node lost, the job killed by the cluster) with what the registry knew of the daemon. A
+        serve job that snakemake restarts no more (``daemon_restarts``) is a failed job of the run."""
+        failures = self.serve_failures[daemon_id] = self.serve_failures.get(daemon_id, 0) + 1
+        if self.daemon_restarts is not None and failures > self.daemon_restarts:
+            with self.lock:
+                self.failed_at = time.monotonic()
+                self.failure = (f"the serve job of daemon {daemon_id} failed with no restart left "
+                                "(config key daemon_restarts)")  # fmt: skip
         if any(event.get("daemon") == daemon_id and event.get("time", 0) >= started
                for event in self.run.read_events() if event.get("session") == self.session):  # fmt: skip
             return
         entry = registry.read_entry(self.run, daemon_id) or {}
+        if entry.get("state") == State.FAILED:  # it could not start (no loss): its entry tells the clients why
+            return
         self.run.record_event(event="lost", daemon=daemon_id, model=entry.get("model"), host=entry.get("host"),
                               pid=entry.get("pid"), session=self.session, last_heartbeat=entry.get("heartbeat"),
                               detail="its serve job failed (its node or job was lost)")  # fmt: skip
+        # Gone with its job: clients stop asking it at once, not once its heartbeat is stale (a daemon that
+        # is still alive after all rewrites its entry within 5 s).
+        registry.remove_entry(self.run, daemon_id)
 
     def stop_daemons(self, why: str) -> None:
         if not self.stopped:
@@ -140,7 +155,7 @@ class RunWatch:
         if self.stopped:
             return
         if failed_at is not None and not self.keep_going and started_at < failed_at and now - failed_at >= AFTER_ERROR:
-            self.stop_daemons("a job failed and the run does not keep going")
+            self.stop_daemons(f"{self.failure} and the run does not keep going")
         elif self.quiet_since is not None:
             limit = AFTER_ERROR if failed_at is not None else self.idle_timeout
             if limit > 0 and now - self.quiet_since >= limit:
@@ -263,7 +278,8 @@ def serve_job(run_dir: Path, daemon_id: str, stats_output: Path, allowed_roots: 
                                                                                  signal.SIGHUP)}  # fmt: skip
     try:
         code = watcher.watch()
-    except _Ended as ended:
+    except _Ended as ended:  # the run is gone: no statistics of it (a later run must start its daemons)
+        Path(stats_output).unlink(missing_ok=True)
         print(f"virnucpro serve-job: {ended}", file=sys.stderr)
         return ended.code
     finally:
@@ -390,7 +406,9 @@ def _clear_earlier_entry(run: RunDir, daemon_id: str, session: str) -> None:
 
 
 def _events_of(run: RunDir, session: str, daemon_id: str) -> list[dict]:
-    return [event for event in run.read_events() if event.get("session") == session and event.get("daemon") == daemon_id]
+    return [
+        event for event in run.read_events() if event.get("session") == session and event.get("daemon") == daemon_id
+    ]
 
 
 def _describe_exit(code: int) -> str:

@@ -19,6 +19,7 @@ if MAIN_PROCESS:
         RUN,
         os.environ[SESSION_VARIABLE],
         idle_timeout=config["idle_timeout"],
+        daemon_restarts=config["daemon_restarts"],
         keep_going=False,  # set in onstart, where snakemake's settings are known
         settings={
             "client_timeout": config["client_timeout"],
