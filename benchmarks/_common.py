@@ -226,13 +226,61 @@ def bench_env() -> dict[str, str]:
     return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
+def workflow_config(sample: str, reads: Path, models: dict[str, Path], devices: list[str], shard_size: int,
+                    precision: str = "fp32", mode: str = "daemon") -> dict:  # fmt: skip
+    """A workflow config for one sample, both models' daemons on ``devices``."""
+    return {
+        "samples": {sample: str(reads)},
+        "length": 500,
+        "models": {name: str(path) for name, path in models.items()},
+        "embedding_mode": mode,
+        "daemons": {"esm2": list(devices), "dnabert_s": list(devices)},
+        "shard_size": shard_size,
+        "precision": precision,
+        "idle_timeout": 300,
+    }
+
+
+def run_workflow(workdir: Path, config: dict, cores: int) -> dict:
+    """One ``snakemake`` run (this Python's) of ``config`` in a fresh ``workdir``; its wall time and CPU seconds.
+
+    GPU daemons get ``--resources gpu=N``, N the number of them. Exits with the log's path if the run fails.
+    """
+    import resource
+    import shutil
+    import subprocess
+
+    import yaml
+
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    gpus = sum(device.startswith("cuda") for devices in config["daemons"].values() for device in devices)
+    command = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow" / "Snakefile"),
+        "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", str(cores),
+        *(["--resources", f"gpu={gpus}"] if gpus else []),
+    ]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    with open(workdir / "snakemake.log", "w") as log:
+        result = subprocess.run(command, cwd=workdir, env=bench_env(), stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise SystemExit(f"snakemake failed with status {result.returncode}; see {workdir / 'snakemake.log'}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"wall": wall, "cpu": cpu, "workdir": workdir}
+
+
 def start_daemon(model: str, weights: Path, run_dir: Path, daemon_id: str, root: Path, log: Path,
                  extra_env: dict[str, str] | None = None, device: str = "cpu", precision: str = "fp32"):  # fmt: skip
     """Start ``virnucpro serve`` for ``model`` (a subprocess); its stderr goes to ``log``."""
     import subprocess
 
     command = [
-        str(Path(sys.executable).parent / "virnucpro"), "serve", "--model", model, "--weights", str(weights),
+        sys.executable, "-m", "virnucpro", "serve", "--model", model, "--weights", str(weights),
         "--device", device, "--precision", precision, "--run-dir", str(run_dir),
         "--stats-output", str(run_dir / f"{daemon_id}.stats.json"), "--daemon-id", daemon_id,
         "--idle-timeout", "600", "--allowed-root", str(root),

@@ -26,14 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import yaml
 
 from benchmarks import _common
 
@@ -61,31 +58,8 @@ def count_frames(reads: Path, workdir: Path) -> int:
 
 def run_workflow(workdir: Path, mode: str, reads: Path, models: dict[str, Path], shard_size: int, cores: int) -> dict:
     """One snakemake run in a fresh ``workdir``; its wall time, CPU seconds, shards and model loads."""
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
-    config = {
-        "samples": {SAMPLE: str(reads)},
-        "length": 500,
-        "models": {name: str(path) for name, path in models.items()},
-        "embedding_mode": mode,
-        "daemons": {"esm2": ["cpu"], "dnabert_s": ["cpu"]},
-        "shard_size": shard_size,
-        "idle_timeout": 300,
-    }
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [
-        str(Path(sys.executable).parent / "snakemake"), "--snakefile", str(_common.REPO / "workflow" / "Snakefile"),
-        "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", str(cores),
-    ]  # fmt: skip
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    with open(workdir / "snakemake.log", "w") as log:
-        result = subprocess.run(command, cwd=workdir, env=_common.bench_env(), stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if result.returncode != 0:
-        raise SystemExit(f"snakemake ({mode}) failed with status {result.returncode}; see {workdir / 'snakemake.log'}")
+    config = _common.workflow_config(SAMPLE, reads, models, devices=["cpu"], shard_size=shard_size, mode=mode)
+    run = _common.run_workflow(workdir, config, cores)
     shards = len(list((workdir / "results" / SAMPLE / "work" / "embeddings").glob("*.esm2.pt")))
     embed_logs = sorted((workdir / "logs" / "embed").glob("*/*.log"))
     if mode == "daemon":
@@ -96,8 +70,7 @@ def run_workflow(workdir: Path, mode: str, reads: Path, models: dict[str, Path],
     else:
         loads = sum(1 for log in embed_logs if "embedded" in log.read_text())
         detail = f"{len(embed_logs)} embedding jobs, {loads} logged a load-and-embed"
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"mode": mode, "wall": wall, "cpu": cpu, "shards": shards, "loads": loads, "detail": detail,
+    return {"mode": mode, "wall": run["wall"], "cpu": run["cpu"], "shards": shards, "loads": loads, "detail": detail,
             "jobs": len(embed_logs), "workdir": workdir}  # fmt: skip
 
 

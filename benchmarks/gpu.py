@@ -298,6 +298,14 @@ def main() -> int:
     started = time.perf_counter()
     results: dict = {"command": _common.command_line(), "machine": _common.machine(), "peak_tflops": args.peak_tflops,
                      "tiny": args.tiny}  # fmt: skip
+    target = args.json or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else None)
+
+    def keep(section: str) -> None:
+        """Write what is measured so far, so that a run cut short still leaves its figures."""
+        print(f"{section} done after {time.perf_counter() - started:.0f} s", flush=True)
+        if target:
+            write_json(target, results)
+
     print(f"command: {results['command']}\nmachine: {results['machine']}", flush=True)
     size = 2048 if args.tiny else 8192
     results["matmul_size"] = size
@@ -331,14 +339,15 @@ def main() -> int:
     rate = results["matmul_gflops"][0]
     print("ESM-2 ...", flush=True)
     results["esm2"] = esm_section(checkpoint, proteins, plan["esm"], plan, device, args.peak_tflops, rate, args.compile)
+    keep("ESM-2")
     print("DNABERT-S ...", flush=True)
     results["dnabert_s"] = dnabert_section(snapshot, slices, plan["dnabert"], plan, device)
+    keep("DNABERT-S")
     print("daemons ...", flush=True)
     results["daemons"] = daemon_section(args.dir, shard, {"esm2": checkpoint, "dnabert_s": snapshot}, device)
     results["total_s"] = time.perf_counter() - started
     print_report(results)
     print(f"total {results['total_s']:.0f} s")
-    target = args.json or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else None)
     if target:
         write_json(target, results)
         print(f"wrote {target}")
