@@ -173,7 +173,7 @@ def gate():
     made: list[Gate] = []
     previous = signal.signal(signal.SIGIO, signal.SIG_IGN)
 
-    def make(path: Path, text: str) -> Gate:
+    def make(path: Path, text: str | None = None) -> Gate:
         made.append(Gate(path, text))
         return made[-1]
 

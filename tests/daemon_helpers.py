@@ -81,13 +81,21 @@ class Gate:
     kernel's notice to a lease holder).
     """
 
-    def __init__(self, path: Path, text: str):
+    def __init__(self, path: Path, text: str | None = None):
+        """Write ``text`` to ``path`` and hold it; with no text, hold the file already there (no one else
+        may have it open)."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(text)
+        if text is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(text)
+        text = self.path.read_text()
         self.ids = [line[1:].split()[0] for line in text.splitlines() if line.startswith(">")]
         self.descriptor: int | None = os.open(self.path, os.O_RDONLY)
-        fcntl.fcntl(self.descriptor, F_SETLEASE, fcntl.F_WRLCK)
+        try:
+            fcntl.fcntl(self.descriptor, F_SETLEASE, fcntl.F_WRLCK)
+        except OSError:  # EAGAIN: someone else has the file open
+            os.close(self.descriptor)
+            raise
 
     def _lease(self) -> int:
         return fcntl.fcntl(self.descriptor, F_GETLEASE)

@@ -22,6 +22,7 @@ BIN = Path(sys.executable).parent
 SAMPLE_OUTPUTS = ("prediction_results.txt", "prediction_results_highestscore.csv", "reads.tsv", "failures.tsv")
 COMPARED = ("prediction_results.txt", "prediction_results_highestscore.csv", "reads.tsv")
 ABSENT_MODELS = {"esm2": "absent/esm2.pt", "dnabert_s": "absent/DNABERT-S", "classifier_500": "absent/500_model.pth"}
+SLURM_PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
 IDLE_TIMEOUT = 300  # far above a run's length: a daemon that only stops by idling makes a test fail
 
 
@@ -218,3 +219,30 @@ def serve_processes(workdir: Path) -> list[str]:
         if "virnucpro" in text and (b"serve" in args[1:] or b"serve-job" in args[1:]) and str(workdir) in text:
             found.append(text)
     return found
+
+
+# --- the SLURM profile on the test clusters (tests/test_slurm.py, tests/test_multinode.py) -------------
+# Only what a throw-away cluster needs differs from the profile: no accounting (so squeue gives the
+# job states), quick status checks, and the SLURM logs of successful jobs kept.
+TEST_SETTINGS = {
+    "slurm-status-command": "squeue",
+    "slurm-init-seconds-before-status-checks": 1,
+    "slurm-keep-successful-logs": True,
+}
+
+
+def write_profile(workdir: Path, **resources: dict) -> Path:
+    """The SLURM profile with the test cluster's settings (and these rules' resources changed)."""
+    settings = yaml.safe_load(SLURM_PROFILE.read_text())
+    for rule, values in resources.items():
+        settings["set-resources"][rule] = {**settings["set-resources"].get(rule, {}), **values}
+    profile = workdir / "profile"
+    profile.mkdir(exist_ok=True)
+    (profile / "config.yaml").write_text(yaml.safe_dump({**settings, **TEST_SETTINGS}))
+    return profile
+
+
+def slurm_jobs(env: dict[str, str]) -> str:
+    queue = subprocess.run(["squeue", "-h", "-t", "PENDING,RUNNING,COMPLETING", "-o", "%i %j"], env=env,
+                           capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+    return queue.stdout.strip()

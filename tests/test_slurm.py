@@ -11,33 +11,26 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from runs import (
     BIN,
     DEMO_READS,
     IDLE_TIMEOUT,
     REPO,
     serve_processes,
+    slurm_jobs,
     snakemake,
     snakemake_command,
     write_config,
+    write_profile,
 )
 
 pytestmark = pytest.mark.slow
 
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm-cluster.sh"
-SLURM_PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
 COMPARED = ("prediction_results.txt", "prediction_results_highestscore.csv")
 # The test node declares this much memory (not enforced: no cgroups), so that the profile's
 # requests (up to 32 GB for a daemon) fit it as they are.
 NODE_MEMORY_MB = 64000
-# Only what a throw-away cluster needs differs from the profile: no accounting (so squeue gives the
-# job states), quick status checks, and the SLURM logs of successful jobs kept.
-TEST_SETTINGS = {
-    "slurm-status-command": "squeue",
-    "slurm-init-seconds-before-status-checks": 1,
-    "slurm-keep-successful-logs": True,
-}
 
 
 @pytest.fixture(scope="module")
@@ -55,23 +48,6 @@ def slurm_env() -> dict[str, str]:
     env["SLURM_CONF"] = export.split("=", 1)[1]
     yield env
     subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
-
-
-def write_profile(workdir: Path, **resources: dict) -> Path:
-    """The SLURM profile with the test cluster's settings (and these rules' resources changed)."""
-    settings = yaml.safe_load(SLURM_PROFILE.read_text())
-    for rule, values in resources.items():
-        settings["set-resources"][rule] = {**settings["set-resources"].get(rule, {}), **values}
-    profile = workdir / "profile"
-    profile.mkdir()
-    (profile / "config.yaml").write_text(yaml.safe_dump({**settings, **TEST_SETTINGS}))
-    return profile
-
-
-def slurm_jobs(env: dict[str, str]) -> str:
-    queue = subprocess.run(["squeue", "-h", "-t", "PENDING,RUNNING,COMPLETING", "-o", "%i %j"], env=env,
-                           capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
-    return queue.stdout.strip()
 
 
 @pytest.fixture(scope="module")

@@ -126,6 +126,24 @@ def test_more_gpu_daemons_than_gpus_is_refused_before_any_job(tmp_path, test_mod
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
+def test_a_cuda_daemon_on_a_machine_without_cuda_stops_the_run_with_one_line_naming_the_device(tmp_path, test_models):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    config = write_config(
+        tmp_path, test_models, {"demo": str(DEMO_READS)}, daemons={"esm2": ["cuda"], "dnabert_s": ["cpu"]}
+    )
+    result = snakemake(tmp_path, "--cores", "3", "--resources", "gpu=1", "--configfile", str(config), timeout=300)
+    assert result.returncode != 0
+    said = line_with(result.stdout, "device 'cuda' requested but no CUDA GPU is visible here")
+    assert "esm2" in said, said
+    log = (tmp_path / "logs" / "daemons" / "esm2-0.log").read_text()
+    assert "Traceback" not in log and "Traceback" not in result.stdout
+    assert not daemons_in(tmp_path)
+
+
 # --- end to end, daemon mode ---------------------------------------------------------------------
 
 

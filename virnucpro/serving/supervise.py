@@ -111,19 +111,21 @@ class RunWatch:
         the loss (a node lost, the job killed by the cluster) with what the registry knew of the daemon. A
         serve job that snakemake restarts no more (``daemon_restarts``) is a failed job of the run."""
         failures = self.serve_failures[daemon_id] = self.serve_failures.get(daemon_id, 0) + 1
+        entry = registry.read_entry(self.run, daemon_id) or {}
         if self.daemon_restarts is not None and failures > self.daemon_restarts:
+            where = f" on {entry['host']}" if entry.get("host") else ""
             with self.lock:
                 self.failed_at = time.monotonic()
-                self.failure = (f"the serve job of daemon {daemon_id} failed with no restart left "
-                                "(config key daemon_restarts)")  # fmt: skip
+                self.failure = (f"the serve job of daemon {daemon_id}{where} failed with no restart left "
+                                "(config key daemon_restarts; a re-run resumes)")  # fmt: skip
         if any(event.get("daemon") == daemon_id and event.get("time", 0) >= started
                for event in self.run.read_events() if event.get("session") == self.session):  # fmt: skip
             return
-        entry = registry.read_entry(self.run, daemon_id) or {}
         if entry.get("state") == State.FAILED:  # it could not start (no loss): its entry tells the clients why
             return
         self.run.record_event(event="lost", daemon=daemon_id, model=entry.get("model"), host=entry.get("host"),
-                              pid=entry.get("pid"), session=self.session, last_heartbeat=entry.get("heartbeat"),
+                              address=entry.get("address"), gpus=entry.get("gpus"), pid=entry.get("pid"),
+                              session=self.session, last_heartbeat=entry.get("heartbeat"),
                               detail="its serve job failed (its node or job was lost)")  # fmt: skip
         # Gone with its job: clients stop asking it at once, not once its heartbeat is stale (a daemon that
         # is still alive after all rewrites its entry within 5 s).
