@@ -121,7 +121,8 @@ def test_a_run_that_failed_before_its_daemons_started_ends_them_without_waiting_
     with open(tmp_path / "snakemake.out", "w") as out:
         run = subprocess.Popen(command, cwd=tmp_path, env=slurm_env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
-    while "sbatch failed" not in (tmp_path / "snakemake.out").read_text():
+    # Released once the run's watch has written the stop token (a few seconds after the failure).
+    while "virnucpro: stopping the model daemons:" not in (tmp_path / "snakemake.out").read_text():
         assert run.poll() is None and time.monotonic() < deadline, (tmp_path / "snakemake.out").read_text()
         time.sleep(0.2)
     held = slurm_jobs(slurm_env).split()[::2]
