@@ -226,6 +226,12 @@ def bench_env() -> dict[str, str]:
     return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
+def figures_file(explicit: Path | None, name: str) -> Path | None:
+    """Where a benchmark writes its figures as JSON: ``explicit`` (``--json``), else ``$OUT/name`` when
+    ``$OUT`` is set (the device machine's output folder), else nowhere."""
+    return explicit or (Path(os.environ["OUT"]) / name if os.environ.get("OUT") else None)
+
+
 def workflow_config(sample: str, reads: Path, models: dict[str, Path], devices: list[str], shard_size: int,
                     precision: str = "fp32", mode: str = "daemon") -> dict:  # fmt: skip
     """A workflow config for one sample, both models' daemons on ``devices``."""

@@ -27,7 +27,6 @@ CPU with small shapes (to check the script, not to measure anything).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import threading
@@ -298,7 +297,7 @@ def main() -> int:
     started = time.perf_counter()
     results: dict = {"command": _common.command_line(), "machine": _common.machine(), "peak_tflops": args.peak_tflops,
                      "tiny": args.tiny}  # fmt: skip
-    target = args.json or (Path(os.environ["OUT"]) / "gpu.json" if os.environ.get("OUT") else None)
+    target = _common.figures_file(args.json, "gpu.json")
 
     def keep(section: str) -> None:
         """Write what is measured so far, so that a run cut short still leaves its figures."""

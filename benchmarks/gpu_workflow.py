@@ -135,7 +135,7 @@ def main() -> int:
     reads = min(args.reads, 400) if args.tiny else args.reads
     results: dict = {"command": _common.command_line(), "machine": _common.machine(), "gpu": gpu, "cores": args.cores}
     print(f"command: {results['command']}\nmachine: {results['machine']}", flush=True)
-    target = args.json or (Path(os.environ["OUT"]) / "gpu_workflow.json" if os.environ.get("OUT") else None)
+    target = _common.figures_file(args.json, "gpu_workflow.json")
     started = time.perf_counter()
     results["same_answers"] = same_answers(args.dir, args.cores, gpu)
     if target:
