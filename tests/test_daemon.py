@@ -37,8 +37,8 @@ from virnucpro.errors import UserError
 from virnucpro.manifest import read_failures
 from virnucpro.serving import registry
 from virnucpro.serving.client import request_embedding, stop_daemons
-from virnucpro.serving.daemon import STOP_FILE_CHECK_SECONDS
 from virnucpro.serving.rundir import RunDir
+from virnucpro.serving.timing import STOP_CHECK_EVERY as STOP_FILE_CHECK_SECONDS
 from virnucpro.serving.transport import SOCKET_PATH_LIMIT, socket_path
 
 

@@ -46,6 +46,7 @@ from virnucpro.serving.client import request_embedding, stop_daemons
 from virnucpro.serving.confine import Confinement
 from virnucpro.serving.protocol import MAX_MESSAGE_BYTES, ProtocolError, parse_request
 from virnucpro.serving.rundir import RunDir
+from virnucpro.serving.spec import DaemonSpec
 from virnucpro.serving.transport import curve_keys
 from virnucpro.serving.worker import Job, Worker
 
@@ -314,9 +315,9 @@ def run_worker(
     monkeypatch.setattr("virnucpro.engines.embed.load_embedder", lambda *args, **kwargs: embedder)
     events: list[dict] = []
     confinement = Confinement([run_dir.parent], never_write=[run_dir])
-    worker = Worker(model="esm2", weights=run_dir / "w.pt", device="cpu", precision="fp32", daemon_id="esm2-fake",
-                    run=RunDir(run_dir), confinement=confinement, cache_clear_every=cache_clear_every,
-                    post=events.append)  # fmt: skip
+    spec = DaemonSpec(daemon_id="esm2-fake", model="esm2", weights=run_dir / "w.pt",
+                      cache_clear_every=cache_clear_every)  # fmt: skip
+    worker = Worker(spec, RunDir(run_dir), confinement, post=events.append)
     for job in jobs:
         worker.submit(job)
     worker.close()

@@ -33,7 +33,8 @@ from runs import (
     write_config,
 )
 
-from virnucpro.serving.supervise import AFTER_ERROR, DRAIN_GRACE, HEARTBEAT_EVERY
+from virnucpro.serving.timing import AFTER_ERROR, DRAIN_GRACE
+from virnucpro.serving.timing import RUN_HEARTBEAT_EVERY as HEARTBEAT_EVERY
 
 pytestmark = pytest.mark.slow
 

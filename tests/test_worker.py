@@ -19,6 +19,7 @@ from virnucpro.engines.embed import read_embeddings
 from virnucpro.manifest import read_failures
 from virnucpro.serving.confine import Confinement
 from virnucpro.serving.rundir import RunDir
+from virnucpro.serving.spec import DaemonSpec
 from virnucpro.serving.worker import Job, Worker, done_record
 
 EVENT_TIMEOUT = 120.0
@@ -30,9 +31,8 @@ class Driven:
     def __init__(self, run_dir: Path, weights: Path, daemon_id: str = "esm2-test"):
         self.events: queue.Queue[dict] = queue.Queue()
         confinement = Confinement([run_dir.parent / "data"], never_write=[run_dir, weights])
-        self.worker = Worker(model="esm2", weights=weights, device="cpu", precision="fp32", daemon_id=daemon_id,
-                             run=RunDir(run_dir), confinement=confinement, cache_clear_every=10,
-                             post=self.events.put)  # fmt: skip
+        spec = DaemonSpec(daemon_id=daemon_id, model="esm2", weights=weights)
+        self.worker = Worker(spec, RunDir(run_dir), confinement, post=self.events.put)
         self.thread = threading.Thread(target=self.worker.run, daemon=True)
         self.thread.start()
 
@@ -197,9 +197,8 @@ def test_a_model_that_cannot_be_loaded_is_reported_and_the_worker_ends(driven, t
 
 
 def test_queued_jobs_can_be_taken_back_before_they_start(tmp_path):
-    worker = Worker(model="esm2", weights=tmp_path / "w.pt", device="cpu", precision="fp32", daemon_id="esm2-test",
-                    run=RunDir(tmp_path / "run"), confinement=Confinement([tmp_path], never_write=[]),
-                    cache_clear_every=10, post=lambda event: None)  # fmt: skip
+    spec = DaemonSpec(daemon_id="esm2-test", model="esm2", weights=tmp_path / "w.pt")
+    worker = Worker(spec, RunDir(tmp_path / "run"), Confinement([tmp_path], never_write=[]), post=lambda event: None)
     jobs = [Job(f"rid-{i}", f"/in/{i}.faa", f"/out/{i}.pt", deadline=math.inf) for i in range(3)]
     for job in jobs:
         worker.submit(job)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
 from virnucpro import __version__
 from virnucpro.engines.embed import MODEL_NAMES as MODEL_CHOICES
 from virnucpro.engines.embed import PRECISIONS
-from virnucpro.errors import UserError, environmental
+from virnucpro.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, environmental
 from virnucpro.prep.chunk import EXPECTED_LENGTHS as LENGTHS
 from virnucpro.prep.shard import DEFAULT_SHARD_SIZE
+from virnucpro.serving.spec import QUEUE_LIMIT, TRANSPORTS
+from virnucpro.serving.timing import DRAIN_GRACE
 
 
 def _cmd_chunk(args: argparse.Namespace) -> None:
@@ -40,11 +44,11 @@ def _cmd_embed(args: argparse.Namespace) -> None:
     if args.weights is None and args.run_dir is None:
         raise UserError("embed needs --weights PATH (in-process) or --run-dir DIR (ask a running daemon)")
     if args.weights is None:
-        from virnucpro.serving.client import request_embedding
+        from virnucpro.serving.client import embed_for_run
 
         if args.failure_manifest is not None:
             raise UserError("--failure-manifest is for in-process embedding; daemons record in RUN_DIR/failures.tsv")
-        request_embedding(
+        embed_for_run(
             args.run_dir,
             args.model,
             args.input,
@@ -57,7 +61,17 @@ def _cmd_embed(args: argparse.Namespace) -> None:
             precision=args.precision,
             fingerprint=args.model_fingerprint,
         )
-        return
+    else:
+        _embed_in_process(args)
+    if args.record is not None:
+        from virnucpro.engines.embed import canonical_model_name
+        from virnucpro.engines.provenance import write_record
+
+        write_record(args.record, args.output, model=canonical_model_name(args.model),
+                     fingerprint=args.model_fingerprint, precision=args.precision or "fp32")  # fmt: skip
+
+
+def _embed_in_process(args: argparse.Namespace) -> None:
     from virnucpro.engines.embed import embed_shard
 
     manifest, on_failure = args.failure_manifest, args.on_failure
@@ -106,15 +120,11 @@ def _cmd_aggregate(args: argparse.Namespace) -> None:
 
 
 def _cmd_run_stats(args: argparse.Namespace) -> None:
+    from virnucpro.serving.history import run_history
     from virnucpro.serving.rundir import RunDir
     from virnucpro.serving.stats import write_run_stats
 
-    events = []
-    if args.run_dir is not None:
-        run = RunDir(args.run_dir)
-        session = run.read_settings().get("session")
-        events = [event for event in run.read_events() if session and event.get("session") == session]
-    write_run_stats(args.daemon_stats, args.output, events)
+    write_run_stats(run_history(RunDir(args.run_dir)), args.output)
 
 
 def _cmd_report_plots(args: argparse.Namespace) -> None:
@@ -150,31 +160,40 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
+    from virnucpro.engines.embed import canonical_model_name
     from virnucpro.serving.daemon import serve
+    from virnucpro.serving.spec import DaemonSpec, spec_of_run
 
-    serve(
-        args.model,
-        args.weights,
-        device=args.device,
-        run_dir=args.run_dir,
-        stats_output=args.stats_output,
-        daemon_id=args.daemon_id,
-        precision=args.precision,
-        allowed_roots=args.allowed_root or [Path.cwd()],
-        idle_timeout=args.idle_timeout,
-        cache_clear_every=args.cache_clear_every,
-        stop_file=args.stop_file,
-        max_queue=args.max_queue,
-        drain_grace=args.drain_grace,
-        transport=args.transport,
-        bind_host=args.bind_host,
-    )
+    if args.from_run:
+        if args.daemon_id is None:
+            raise UserError("serve --from-run needs --daemon-id (the daemon the run's settings name)")
+        spec = spec_of_run(args.run_dir, args.daemon_id)
+    else:
+        missing = [option for option, value in (("--model", args.model), ("--weights", args.weights)) if value is None]
+        if missing:
+            raise UserError(f"serve needs {' and '.join(missing)} (or --from-run inside a workflow run)")
+        spec = DaemonSpec(
+            daemon_id=args.daemon_id or f"{canonical_model_name(args.model)}-{socket.gethostname()}-{os.getpid()}",
+            model=args.model,
+            weights=args.weights,
+            device=args.device,
+            precision=args.precision,
+            transport=args.transport,
+            bind_host=args.bind_host,
+            allowed_roots=tuple(args.allowed_root or [Path.cwd()]),
+            cache_clear_every=args.cache_clear_every,
+            max_queue=args.max_queue,
+            drain_grace=args.drain_grace,
+            idle_timeout=args.idle_timeout,
+            stop_file=args.stop_file,
+        )
+    serve(spec, args.run_dir, args.stats_output)
 
 
 def _cmd_serve_job(args: argparse.Namespace) -> None:
-    from virnucpro.serving.supervise import serve_job
+    from virnucpro.serving.servejob import serve_job
 
-    code = serve_job(args.run_dir, args.daemon_id, args.stats_output, args.allowed_root or [Path.cwd()])
+    code = serve_job(args.run_dir, args.daemon_id, args.stats_output, attempts_log=args.attempts_log)
     if code:
         raise SystemExit(code)
 
@@ -266,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "--weights, record failures in its manifest. Inside a workflow run, --timeout and --on-failure "
                      "default to the run's settings (RUN_DIR/settings.json)")  # fmt: skip
     sub.add_argument("--model-fingerprint", help="daemon mode: only ask daemons holding the model of this fingerprint")
+    sub.add_argument("--record", type=Path,
+                     help="once OUT.pt is complete, write what made it here (JSON: model, fingerprint, precision, "
+                     "bytes), which a re-run compares with its own before it plans any daemon")  # fmt: skip
     sub.add_argument("--sample", default="", help="sample name, for the failure manifest")
     sub.add_argument("--shard", default="", help="shard name, for the failure manifest")
     sub.add_argument("--timeout", type=float, help="seconds to wait for a daemon (default 3600)")
@@ -296,10 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--failure-manifest", type=Path, help="run-wide failure manifest")
     sub.add_argument("--output-dir", type=Path, required=True)
 
-    sub = command("run-stats", _cmd_run_stats, "collect the daemons' statistics into one JSON file")
-    sub.add_argument("daemon_stats", type=Path, nargs="*", help="statistics files written by serve")
+    sub = command("run-stats", _cmd_run_stats,
+                  "write the run's statistics: every attempt's daemons, losses and events, and the totals")  # fmt: skip
+    sub.add_argument("daemon_stats", type=Path, nargs="*",
+                     help="this attempt's daemon statistics files (the workflow's inputs; every attempt's are read "
+                     "from RUN_DIR/sessions/)")  # fmt: skip
+    sub.add_argument("--run-dir", type=Path, required=True, help="the run folder (its events and sessions)")
     sub.add_argument("--output", type=Path, required=True)
-    sub.add_argument("--run-dir", type=Path, help="also list the daemons this workflow run lost (RUN_DIR/events.jsonl)")
 
     sub = command("report-plots", _cmd_report_plots,
                   "draw the report's plots (PNG) and summary page (HTML) of a sample, or the daemons' plot")  # fmt: skip
@@ -329,39 +354,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub = command("serve", _cmd_serve, "run a daemon that holds one model and embeds shards sent over ZeroMQ")
-    sub.add_argument("--model", choices=MODEL_CHOICES, required=True)
-    sub.add_argument("--weights", type=Path, required=True, help="model file or snapshot folder")
+    sub.add_argument("--model", choices=MODEL_CHOICES, help="the model (required unless --from-run)")
+    sub.add_argument("--weights", type=Path, help="model file or snapshot folder (required unless --from-run)")
     sub.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     sub.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32")
     sub.add_argument("--run-dir", type=Path, required=True, help="run folder holding the registry")
     sub.add_argument("--stats-output", type=Path, required=True, help="statistics JSON written on exit")
     sub.add_argument("--daemon-id", default=None, help="name in the registry (default: model-host-pid)")
+    sub.add_argument("--from-run", action="store_true",
+                     help="take everything but --run-dir, --daemon-id and --stats-output from the daemon's spec in the "
+                     "workflow run's settings (RUN_DIR/settings.json; how a serve job starts its daemon)")  # fmt: skip
     sub.add_argument(
         "--allowed-root",
         type=Path,
         action="append",
         help="folder the daemon may read and write (repeatable; default .)",
     )
-    sub.add_argument("--idle-timeout", type=float, default=600.0, help="exit after this many idle seconds")
+    sub.add_argument("--idle-timeout", type=float, default=600.0, help="exit after this many idle seconds (0: never)")
     sub.add_argument("--cache-clear-every", type=int, default=10, help="clear the CUDA cache every N shards")
     sub.add_argument(
         "--stop-file",
         type=Path,
-        help="stop once this file's content differs from its content at start (default: RUN_DIR/stop)",
+        help="stop once this file's content differs from its content at start (default: RUN_DIR/stop and "
+        "RUN_DIR/stop-MODEL)",
     )
     sub.add_argument(
         "--max-queue",
         type=int,
-        default=32,
-        help="shards accepted at once (queued or running); more get 'busy, retry after' (default 32)",
+        default=QUEUE_LIMIT,
+        help=f"shards accepted at once (queued or running); more get 'busy, retry after' (default {QUEUE_LIMIT})",
     )
     sub.add_argument(
         "--drain-grace",
         type=float,
-        default=25.0,
-        help="when stopping, seconds to finish the shard in progress before handing it back (default 25)",
+        default=DRAIN_GRACE,
+        help=f"when stopping, seconds to finish the shard in progress before handing it back (default {DRAIN_GRACE:.0f})",
     )
-    sub.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
+    sub.add_argument("--transport", choices=TRANSPORTS, default="ipc",
                      help="ipc: a private local socket (default); tcp: across nodes, CURVE-encrypted and "
                      "authenticated with the run's keys in RUN_DIR/keys/")  # fmt: skip
     sub.add_argument("--bind-host", default="*", help="tcp: interface address to listen on (default: all)")
@@ -369,19 +398,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command(
         "serve-job",
         _cmd_serve_job,
-        "a workflow's serve job: run one of the run's daemons (its model, device and settings are in "
-        "RUN_DIR/settings.json) as a child, stop it when the run is gone, kill it when it freezes; exit 0 "
-        "when it stopped or its work is taken over, 1 when a restart must replace it, 2 when it cannot start",
+        "a workflow's serve job: run one of the run's daemons (its spec is in RUN_DIR/settings.json) as a child, "
+        "stop it when the run is gone, kill it when it freezes; exit 0 when it stopped, could not start (its "
+        "registry entry says why) or its work is taken over, 1 when a restart must replace it, 3 when the run is gone",
     )
     sub.add_argument("--run-dir", type=Path, required=True, help="the run folder of the workflow run")
     sub.add_argument("--daemon-id", required=True, help="the daemon, as the run's settings name it")
     sub.add_argument("--stats-output", type=Path, required=True, help="statistics JSON written on exit")
-    sub.add_argument(
-        "--allowed-root",
-        type=Path,
-        action="append",
-        help="folder the daemon may read and write (repeatable; default .)",
-    )
+    sub.add_argument("--attempts-log", type=Path,
+                     help="append the daemon's log of every attempt of this serve job here (the job's own log "
+                     "holds the current attempt's)")  # fmt: skip
 
     sub = command("stop-daemons", _cmd_stop_daemons, "ask the daemons registered under a run folder to stop")
     sub.add_argument("--run-dir", type=Path, required=True)
@@ -437,16 +463,16 @@ def main(argv: list[str] | None = None) -> int:
         args.handler(args)
     except UserError as error:
         print(f"virnucpro {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except OSError as error:
         cause = environmental(error)
         if cause is None:
             raise
         print(f"virnucpro {args.command}: error: {cause}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"virnucpro {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 import errno
 import os
 
+EXIT_USER_ERROR = 2
+"""The exit status of a ``virnucpro`` command stopped by a UserError or an environmental error (one line)."""
+EXIT_INTERRUPTED = 130
+"""The exit status of a ``virnucpro`` command interrupted (SIGINT)."""
+
 
 class UserError(Exception):
     """A problem with the user's input, files or configuration that the user can fix."""

@@ -19,50 +19,42 @@ import zmq
 from virnucpro.engines.embed import canonical_model_name
 from virnucpro.errors import EnvironmentalError, UserError
 from virnucpro.manifest import record_embed_failures
-from virnucpro.serving import registry
+from virnucpro.serving import registry, timing
 from virnucpro.serving.protocol import SIGNS_OF_LIFE, EmbedRequest, Op, Reply, State, decode_reply, encode, kind_of
-from virnucpro.serving.rundir import RunDir, read_token
+from virnucpro.serving.rundir import RunDir, StopTokens
+from virnucpro.serving.stats import LOSS_EVENTS
 from virnucpro.serving.transport import ask_all, connect
 
 log = logging.getLogger(__name__)
 
-CHECK_EVERY = 2.0  # seconds of silence between checks that the daemon's process still exists (on this host)
-LOST_AFTER = 20.0  # seconds without any message (daemons send progress every 2 s) after which a daemon is lost
 MAX_LOST = 2  # daemons lost while holding one shard before the shard counts as failed for good
-RESTART_WAIT = 60.0  # after losing its daemon with no other alive: how long to wait for one to (re)start
-BACKOFF_CAP = 30.0
-PROGRESS_EVERY = 30.0
-STATUS_TIMEOUT = 2.0
-STOP_TIMEOUT = 5.0
-REGISTRY_POLL = 0.5
 ON_FAILURE = ("fail", "record")
-LOSS_EVENTS = ("lost", "frozen")  # RUN/events.jsonl kinds that mean a daemon is gone
-DEFAULT_TIMEOUT = 3600.0
 
 
 class RunEnding(UserError):
-    """The run's stop token changed: its daemons are stopping, no shard will be served."""
+    """A stop token of the model's daemons changed (the run is ending): no shard will be served."""
 
 
 class DaemonPool:
     """The daemons of one model registered in a run folder, as seen by one client."""
 
-    def __init__(self, context: zmq.Context, run: RunDir, model: str, *, precision: str | None = None,
-                 fingerprint: str | None = None, stop_file: Path | None = None, stop_baseline: bytes | None = None,
-                 session: str | None = None, restart_wait: float = RESTART_WAIT):  # fmt: skip
-        self.context, self.run, self.model = context, run, model
+    def __init__(self, context: zmq.Context, run: RunDir, model: str, stops: StopTokens, *,
+                 precision: str | None = None, fingerprint: str | None = None, session: str | None = None,
+                 restart_wait: float | None = timing.RESTART_WAIT):  # fmt: skip
+        self.context, self.run, self.model, self.stops = context, run, model, stops
         self.session, self.restart_wait = session, restart_wait
         self.precision, self.fingerprint = precision, fingerprint
-        self.stop_file = stop_file or run.stop_file
-        self.stop_baseline = stop_baseline
         self.avoid: set[tuple] = set()  # daemon instances not to ask again
         self.unreachable: dict[str, str] = {}  # daemon ID -> why it could not be reached
 
     def check_run(self) -> None:
-        """RunEnding once the stop token differs from its baseline (the run is ending)."""
-        if read_token(self.stop_file) != self.stop_baseline:
-            raise RunEnding(f"the run is ending (its stop file {self.stop_file} changed): not waiting for a "
-                            f"{self.model} daemon")  # fmt: skip
+        """RunEnding once a stop token of the model's daemons differs from its baseline."""
+        changed = self.stops.changed()
+        if changed is None:
+            return
+        if changed == self.run.stop_file or len(self.stops.files) == 1:
+            raise RunEnding(f"the run is ending (its stop file {changed} changed): not waiting for a {self.model} daemon")
+        raise RunEnding(f"the {self.model} daemons are stopping (the stop file {changed} changed): not waiting for one")
 
     def pick(self, until: float, started: float) -> dict | None:
         """The least-loaded ready daemon of the model, waiting for one until ``until`` (then None)."""
@@ -75,7 +67,7 @@ class DaemonPool:
                 raise UserError(f"every {self.model} daemon of {self.run.root} failed{self.failure_reasons()}")
             if any(entry.get("state") != State.FAILED for entry in entries) or not self.losses():
                 none_since = None
-            else:
+            elif self.restart_wait is not None:  # inside a workflow run its watch ends the run if none can come
                 none_since = none_since or time.monotonic()
                 if time.monotonic() - none_since >= self.restart_wait:
                     lost = self.losses()[-1]
@@ -83,7 +75,7 @@ class DaemonPool:
                                     f"{lost.get('host')} was lost ({lost.get('detail')}) and none came back "
                                     f"within {self.restart_wait:.0f} s; see logs/daemons/ (a re-run resumes)")  # fmt: skip
             entries = [entry for entry in entries if self._suits(entry)]
-            statuses = ask_all(self.context, self.run, entries, {"op": Op.STATUS.value}, STATUS_TIMEOUT)
+            statuses = ask_all(self.context, self.run, entries, {"op": Op.STATUS.value}, timing.STATUS_ANSWER)
             loads = {
                 daemon: _number(status.get("queued"), 0) + _number(status.get("running"), 0)
                 for daemon, status in statuses.items()
@@ -97,11 +89,11 @@ class DaemonPool:
             now = time.monotonic()
             if now >= until:
                 return None
-            if now - last_progress >= PROGRESS_EVERY:
+            if now - last_progress >= timing.CLIENT_LOG_EVERY:
                 log.info("still waiting for a ready %s daemon in %s (%.0f s so far)", self.model, self.run.registry,
                          now - started)  # fmt: skip
                 last_progress = now
-            time.sleep(min(REGISTRY_POLL, max(0.0, until - now)))
+            time.sleep(min(timing.REGISTRY_POLL, max(0.0, until - now)))
 
     def losses(self) -> list[dict]:
         """The losses of daemons of the model in this workflow run (none outside a workflow)."""
@@ -132,18 +124,18 @@ class DaemonPool:
                 now = time.monotonic()
                 if now >= deadline:
                     return {"reply": Reply.TIMEOUT.value}
-                if sock.poll(int(min(CHECK_EVERY, deadline - now) * 1000) + 1):
+                if sock.poll(int(min(timing.SILENCE_CHECK_EVERY, deadline - now) * 1000) + 1):
                     reply = decode_reply(sock.recv())
                     heard = time.monotonic()
                     if kind_of(reply) not in SIGNS_OF_LIFE:
                         return reply
                     accepted = True
-                    if heard - last_progress >= PROGRESS_EVERY:
+                    if heard - last_progress >= timing.CLIENT_LOG_EVERY:
                         log.info("daemon %s: %s is %s (%.0f s)", entry["daemon_id"], request.input,
                                  reply.get("state", "accepted"), heard - sent)  # fmt: skip
                         last_progress = heard
                     continue
-                if not registry.is_alive(entry) or now - heard > LOST_AFTER:
+                if not registry.is_alive(entry) or now - heard > timing.LOST_AFTER:
                     return {
                         "reply": (Reply.LOST if accepted else Reply.UNREACHABLE).value,
                         "message": "no sign of life",
@@ -169,7 +161,7 @@ def request_embedding(
     timeout: float | None = None,
     on_failure: str | None = None,
     stop_file: Path | None = None,
-    restart_wait: float = RESTART_WAIT,
+    restart_wait: float = timing.RESTART_WAIT,
     precision: str | None = None,
     fingerprint: str | None = None,
 ) -> bool:
@@ -180,19 +172,19 @@ def request_embedding(
     ``fingerprint`` (when given) are asked. A shard that fails for good (the daemon could not embed it, or
     it was lost with ``MAX_LOST`` daemons) is in the run's failure manifest; with ``on_failure="record"``
     it gets an embedding file with no rows and False is returned, otherwise UserError. So is every other
-    reason to give up: no daemon, the timeout, the run ending (its stop token changed since the run
-    started, or since this call when outside a workflow).
+    reason to give up: no daemon, the timeout, the model's daemons stopping (a stop token changed since the
+    run started, or since this call when outside a workflow). Inside a workflow run a client waits for a
+    lost daemon's replacement until its timeout (the run's watch ends the run when none can come);
+    outside one, ``restart_wait`` seconds.
     """
     run = RunDir(run_dir)
     settings = run.read_settings()
-    timeout = float(timeout if timeout is not None else settings.get("client_timeout", DEFAULT_TIMEOUT))
+    timeout = float(timeout if timeout is not None else settings.get("client_timeout", timing.CLIENT_TIMEOUT))
     on_failure = on_failure or settings.get("on_failure", "fail")
     if on_failure not in ON_FAILURE:
         raise UserError(f"unknown failure policy '{on_failure}': choose one of {', '.join(ON_FAILURE)}")
     model = canonical_model_name(model)
-    stop_file = Path(stop_file) if stop_file else run.stop_file
-    baseline = settings.get("stop_baseline")
-    baseline = baseline.encode() if isinstance(baseline, str) and stop_file == run.stop_file else read_token(stop_file)
+    stops = StopTokens((Path(stop_file),)) if stop_file else run.stop_tokens(model, settings.get("stop_baselines"))
     Path(output_path).parent.mkdir(parents=True, exist_ok=True)  # the daemon writes into existing folders only
     request = EmbedRequest(input=os.path.abspath(input_path), output=os.path.abspath(output_path), sample=sample,
                            shard=shard, fingerprint=fingerprint)  # fmt: skip
@@ -200,6 +192,7 @@ def request_embedding(
     started = time.monotonic()
     deadline = give_up_at = started + timeout
     lost: list[str] = []
+    lost_at = started
     busy = 0
 
     def failed_for_good(message: str) -> bool:
@@ -214,13 +207,14 @@ def request_embedding(
 
     context = zmq.Context()
     try:
-        pool = DaemonPool(context, run, model, precision=precision, fingerprint=fingerprint, stop_file=stop_file,
-                          stop_baseline=baseline, session=settings.get("session"), restart_wait=restart_wait)  # fmt: skip
+        in_workflow = settings.get("session") is not None
+        pool = DaemonPool(context, run, model, stops, precision=precision, fingerprint=fingerprint,
+                          session=settings.get("session"), restart_wait=None if in_workflow else restart_wait)  # fmt: skip
         while True:
             entry = pool.pick(give_up_at, started)
             if entry is None and lost:
                 message = (f"{input_path}: daemon(s) {', '.join(lost)} died while embedding it and no other {model} "
-                           f"daemon was ready within {restart_wait:.0f} s")  # fmt: skip
+                           f"daemon was ready within {give_up_at - lost_at:.0f} s")  # fmt: skip
                 record_embed_failures(run.failures, **shard_key, daemon=lost[-1],
                                       shard_error=("DaemonLost", message, len(lost)))  # fmt: skip
                 raise UserError(f"{message}; see the daemon logs in logs/daemons/ and restart the serve jobs")
@@ -246,7 +240,7 @@ def request_embedding(
                                        f"{reply.get('error_class')}: {reply.get('message')}")  # fmt: skip
             if kind is Reply.BUSY:
                 busy += 1
-                pause = min(BACKOFF_CAP, _number(reply.get("retry_after"), 1.0) * 1.5 ** min(busy - 1, 12))
+                pause = min(timing.BACKOFF_CAP, _number(reply.get("retry_after"), 1.0) * 1.5 ** min(busy - 1, 12))
                 log.debug("daemon %s is busy (%s); retrying in about %.1f s", daemon, reply.get("message"), pause)
                 time.sleep(max(0.0, min(pause * random.uniform(0.5, 1.0), deadline - time.monotonic())))
             elif kind is Reply.STOPPING:
@@ -264,7 +258,8 @@ def request_embedding(
                                           shard_error=("DaemonLost", message, len(lost)))  # fmt: skip
                     return failed_for_good(message)
                 log.warning("daemon %s was lost while embedding %s; failing over", daemon, input_path)
-                give_up_at = min(deadline, time.monotonic() + restart_wait)
+                lost_at = time.monotonic()
+                give_up_at = deadline if in_workflow else min(deadline, lost_at + restart_wait)
             elif kind in (Reply.EXPIRED, Reply.TIMEOUT):
                 raise UserError(f"{input_path}: not embedded within the client's timeout of {timeout:.0f} s "
                                 f"(last daemon: {daemon}); see the daemon logs in logs/daemons/, "
@@ -275,19 +270,49 @@ def request_embedding(
         context.destroy(linger=0)
 
 
+def embed_for_run(run_dir: Path, model: str, input_path: Path, output_path: Path, **options) -> bool:
+    """An embedding job of a workflow run: through a daemon (``request_embedding``, with ``options``), or in
+    this process when the run's settings say that no daemon of the model is part of its plan (a target
+    that does not pull them in; ``runwatch.RunWatch``), taking turns on a GPU with the run's other jobs."""
+    run = RunDir(run_dir)
+    settings = run.read_settings()
+    fallback = settings.get("in_process", {}).get(canonical_model_name(model))
+    if not fallback:
+        return request_embedding(run_dir, model, input_path, output_path, **options)
+    import fcntl
+
+    from virnucpro.engines.embed import embed_shard
+    from virnucpro.serving.spec import DaemonSpec
+
+    spec = DaemonSpec.from_dict(fallback)
+    log.warning("no %s daemon is part of this run's plan: embedding %s in this job (loads the model)", spec.model,
+                input_path)  # fmt: skip
+    lock_path = run.device_lock(spec.device)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        if spec.device != "cpu":
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one job at a time on a GPU, as a daemon would be
+        summary = embed_shard(input_path, spec.model, spec.weights, output_path, device=spec.device,
+                              precision=spec.precision, manifest=run.failures, sample=options.get("sample", ""),
+                              shard=options.get("shard", ""), on_failure=settings.get("on_failure", "fail"))  # fmt: skip
+    return summary is not None
+
+
 def stop_daemons(run_dir: Path, model: str | None = None, stop_file: Path | None = None) -> int:
-    """Tell the daemons of ``run_dir`` to stop: a fresh stop token unless only one ``model`` is named (in
-    ``stop_file``, else the run folder's: every daemon watching it stops, registered or not yet), then a
-    ``stop`` message to each live registered daemon (of that model, if given). Returns how many acknowledged within a few seconds;
-    it never hangs."""
+    """Tell the daemons of ``run_dir`` (of one ``model``, if given) to stop: a fresh stop token (in ``stop_file``,
+    else the run's, or the model's: every daemon watching it stops within ``timing.STOP_CHECK_EVERY``,
+    registered or not yet, whatever happens to messages), then a ``stop`` message to each live registered
+    daemon. Returns how many acknowledged within ``timing.STOP_ANSWER``; it never hangs."""
     run = RunDir(run_dir)
     model = canonical_model_name(model) if model else None
-    if model is None or stop_file is not None:
-        run.write_stop_token(Path(stop_file) if stop_file else None)
+    if stop_file is not None:
+        run.write_stop_token(Path(stop_file))
+    else:
+        run.write_stop_token(run.model_stop_file(model) if model else None)
     entries = [entry for entry in registry.list_entries(run, model) if entry.get("state") != State.FAILED]
     context = zmq.Context()
     try:
-        replies = ask_all(context, run, entries, {"op": Op.STOP.value}, STOP_TIMEOUT)
+        replies = ask_all(context, run, entries, {"op": Op.STOP.value}, timing.STOP_ANSWER)
     finally:
         context.destroy(linger=0)
     for entry in entries:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import resource
 import signal
 import socket
@@ -21,10 +20,9 @@ from pathlib import Path
 
 import zmq
 
-from virnucpro.engines.embed import canonical_model_name
 from virnucpro.errors import UserError
 from virnucpro.fingerprint import model_fingerprint
-from virnucpro.serving import registry, transport
+from virnucpro.serving import registry, timing, transport
 from virnucpro.serving.confine import Confinement
 from virnucpro.serving.protocol import (
     EmbedRequest,
@@ -37,36 +35,25 @@ from virnucpro.serving.protocol import (
     request_id,
     short,
 )  # fmt: skip
-from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir, read_token
+from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir, StopTokens
+from virnucpro.serving.spec import DaemonSpec
 from virnucpro.serving.stats import DaemonCounters, final_stats, write_stats
-from virnucpro.serving.transport import TRANSPORTS
-from virnucpro.serving.worker import Job, Worker, done_record
+from virnucpro.serving.worker import Job, Worker, WorkerEvent, done_record
 
 log = logging.getLogger(__name__)
 
-QUEUE_LIMIT = 32
-POLL_MILLISECONDS = 250
-HEARTBEAT_SECONDS = 2.0  # a progress reply to every requester of an accepted shard
-REGISTRY_REFRESH_SECONDS = 5.0  # the registry entry's heartbeat (serve jobs and clients watch its age)
-STOP_FILE_CHECK_SECONDS = 1.0
-DRAIN_GRACE_SECONDS = 25.0  # below SLURM's default KillWait of 30 s
 DESCRIPTOR_LIMIT = 65536
-DAEMON_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class Daemon:
-    def __init__(self, *, model: str, weights: Path, device: str, precision: str, run: RunDir, daemon_id: str,
-                 roots: list[Path], idle_timeout: float, cache_clear_every: int, stop_file: Path,
-                 max_queue: int, drain_grace: float, transport: str, bind_host: str):  # fmt: skip
-        self.model, self.weights, self.device, self.precision = model, Path(weights), device, precision
-        self.rundir, self.daemon_id = run, daemon_id
-        self.confinement = Confinement(roots, never_write=[run.root, self.weights])
-        self.fingerprint = model_fingerprint(self.weights)
-        self.idle_timeout, self.max_queue, self.drain_grace = idle_timeout, max(1, max_queue), drain_grace
-        self.cache_clear_every = max(1, cache_clear_every)
-        self.transport, self.bind_host = transport, bind_host
-        self.stop_file = Path(stop_file)
-        self.stop_token = read_token(self.stop_file)
+    """One daemon process: its ROUTER socket, its registry entry and its model thread, per its spec."""
+
+    def __init__(self, spec: DaemonSpec, run: RunDir):
+        self.spec, self.rundir = spec, run
+        self.model, self.device, self.daemon_id = spec.model, spec.device, spec.daemon_id
+        self.confinement = Confinement(list(spec.allowed_roots), never_write=[run.root, spec.weights])
+        self.fingerprint = model_fingerprint(spec.weights)
+        self.stops = StopTokens((spec.stop_file,)) if spec.stop_file is not None else run.stop_tokens(spec.model)
         self.stop_file_checked = self.last_heartbeat = self.last_refresh = time.monotonic()
         self.refresh_warned = -math.inf
         self.jobs: dict[str, Job] = {}
@@ -79,9 +66,9 @@ class Daemon:
         self.counters = DaemonCounters()
         self.worker: Worker | None = None
         self.entry = {
-            "daemon_id": daemon_id, "endpoint": "", "server_key": None, "pid": os.getpid(),
-            "host": socket.gethostname(), "address": None, "model": model, "fingerprint": self.fingerprint,
-            "device": device, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"), "precision": precision,
+            "daemon_id": spec.daemon_id, "endpoint": "", "server_key": None, "pid": os.getpid(),
+            "host": socket.gethostname(), "address": None, "model": spec.model, "fingerprint": self.fingerprint,
+            "device": spec.device, "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"), "precision": spec.precision,
             "state": State.LOADING.value, "reason": "",
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "heartbeat": time.time(),
             "session": os.environ.get(SESSION_VARIABLE),
@@ -95,37 +82,38 @@ class Daemon:
         events.setsockopt(zmq.LINGER, 0)
         binding = None
         try:
-            binding = transport.bind(context, self.rundir, self.daemon_id, self.transport, self.bind_host)
+            binding = transport.bind(context, self.rundir, self.daemon_id, self.spec.transport, self.spec.bind_host)
             router = binding.router
             events.bind(self.events_endpoint)
             self._publish(endpoint=binding.endpoint, server_key=binding.server_key, address=binding.address)
             log.info("daemon %s: %s on %s (%s), listening on %s, queue of %d", self.daemon_id, self.model,
-                     self.device, self.precision, binding.endpoint, self.max_queue)  # fmt: skip
+                     self.device, self.spec.precision, binding.endpoint, self.spec.max_queue)  # fmt: skip
             thread = self._start_worker(context)
             poller = zmq.Poller()
             poller.register(router, zmq.POLLIN)
             poller.register(events, zmq.POLLIN)
             while True:
-                ready = dict(poller.poll(POLL_MILLISECONDS))
+                ready = dict(poller.poll(int(timing.DAEMON_POLL * 1000)))
                 if self.signalled and self.stop_reason is None:
                     self._begin_stop(router, "signal")
                 if router in ready:
                     self._receive(router)
                 if events in ready and self._drain_events(router, events):
                     break
-                if self._stop_file_changed():
-                    log.info("daemon %s: the stop file %s changed, stopping", self.daemon_id, self.stop_file)
+                changed = self._stop_file_changed()
+                if changed is not None:
+                    log.info("daemon %s: the stop file %s changed, stopping", self.daemon_id, changed)
                     self._begin_stop(router, "stopped")
                 if self._idle():
-                    log.info("daemon %s: idle for %.0f s, stopping", self.daemon_id, self.idle_timeout)
+                    log.info("daemon %s: idle for %.0f s, stopping", self.daemon_id, self.spec.idle_timeout)
                     self._begin_stop(router, "idle")
-                if self.stop_reason is not None and time.monotonic() - self.stop_began > self.drain_grace:
+                if self.stop_reason is not None and time.monotonic() - self.stop_began > self.spec.drain_grace:
                     log.warning("daemon %s: drain grace of %.0f s over; handing back %d shard(s)", self.daemon_id,
-                                self.drain_grace, len(self.jobs))  # fmt: skip
+                                self.spec.drain_grace, len(self.jobs))  # fmt: skip
                     self._hand_back(router, list(self.jobs.values()))
                     break
                 self._heartbeat(router)
-            thread.join(timeout=5.0 if self.running is None else 0.0)
+            thread.join(timeout=timing.WORKER_EXIT_WAIT if self.running is None else 0.0)
             return self.stop_reason or "stopped", thread.is_alive()
         finally:
             events.close()
@@ -139,9 +127,7 @@ class Daemon:
         events = context.socket(zmq.PAIR)
         events.setsockopt(zmq.LINGER, 0)
         events.connect(self.events_endpoint)
-        self.worker = Worker(model=self.model, weights=self.weights, device=self.device, precision=self.precision,
-                             daemon_id=self.daemon_id, run=self.rundir, confinement=self.confinement,
-                             cache_clear_every=self.cache_clear_every, post=events.send_json)  # fmt: skip
+        self.worker = Worker(self.spec, self.rundir, self.confinement, post=events.send_json)
 
         def work() -> None:
             try:
@@ -160,35 +146,36 @@ class Daemon:
     def _heartbeat(self, router: zmq.Socket) -> None:
         """Every few seconds: a ``progress`` reply to every requester, and a fresh registry entry."""
         now = time.monotonic()
-        if now - self.last_heartbeat >= HEARTBEAT_SECONDS:
+        if now - self.last_heartbeat >= timing.PROGRESS_EVERY:
             self.last_heartbeat = now
             for job in self.jobs.values():
                 state = "running" if job.request_id == self.running else "queued"
                 for identity in job.requesters:
                     self._send(router, identity, {"reply": Reply.PROGRESS.value, "request_id": job.request_id,
                                                   "state": state, "seconds": round(now - job.accepted, 1)})  # fmt: skip
-        if now - self.last_refresh >= REGISTRY_REFRESH_SECONDS:
+        if now - self.last_refresh >= timing.ENTRY_REFRESH_EVERY:
             try:
                 self._publish()
             except OSError as error:  # e.g. no descriptor free for a moment: tried again at the next pass
-                if now - self.refresh_warned >= REGISTRY_REFRESH_SECONDS:
+                if now - self.refresh_warned >= timing.ENTRY_REFRESH_EVERY:
                     self.refresh_warned = now
                     log.warning("daemon %s: could not refresh the registry entry: %s", self.daemon_id, error)
             else:
                 self.last_refresh = now
 
-    def _stop_file_changed(self) -> bool:
+    def _stop_file_changed(self) -> Path | None:
+        """The stop file that changed (checked every STOP_CHECK_EVERY), or None."""
         now = time.monotonic()
-        if self.stop_reason is not None or now - self.stop_file_checked < STOP_FILE_CHECK_SECONDS:
-            return False
+        if self.stop_reason is not None or now - self.stop_file_checked < timing.STOP_CHECK_EVERY:
+            return None
         self.stop_file_checked = now
-        return read_token(self.stop_file) != self.stop_token
+        return self.stops.changed()
 
     def _idle(self) -> bool:
         quiet = time.monotonic() - self.last_activity
         return (
-            self.idle_timeout > 0 and self.stop_reason is None and self.entry["state"] == State.READY
-            and not self.jobs and quiet > self.idle_timeout
+            self.spec.idle_timeout > 0 and self.stop_reason is None and self.entry["state"] == State.READY
+            and not self.jobs and quiet > self.spec.idle_timeout
         )  # fmt: skip
 
     # --- requests --------------------------------------------------------------------------------
@@ -222,7 +209,7 @@ class Daemon:
             return {
                 "reply": Reply.STATUS.value, "state": self.entry["state"], "model": self.model, "device": self.device,
                 "fingerprint": self.fingerprint, "queued": len(self.jobs) - (self.running is not None),
-                "running": int(self.running is not None), "max_queue": self.max_queue,
+                "running": int(self.running is not None), "max_queue": self.spec.max_queue,
                 "shards_done": self.counters.shards, "failures": self.counters.failures,
             }  # fmt: skip
         if op is Op.STOP:
@@ -242,13 +229,13 @@ class Daemon:
                 "message": f"daemon {self.daemon_id} is still loading",
             }
         if request.fingerprint not in (None, self.fingerprint):
-            raise ProtocolError(f"daemon {self.daemon_id} holds {self.model} {self.fingerprint} ({self.weights}), "
+            raise ProtocolError(f"daemon {self.daemon_id} holds {self.model} {self.fingerprint} ({self.spec.weights}), "
                                 f"not the requested {short(request.fingerprint)}")  # fmt: skip
         input_path = self.confinement.check(request.input, "input")
         output_path = self.confinement.check(request.output, "output")
         if output_path == input_path:
             raise ProtocolError(f"output path '{short(request.output)}' is the input: refused")
-        rid = request_id(self.model, self.fingerprint, self.precision, input_path, output_path)
+        rid = request_id(self.model, self.fingerprint, self.spec.precision, input_path, output_path)
         if request.request_id not in (None, rid):
             raise ProtocolError(f"request_id {short(request.request_id)} does not match this shard, model "
                                 "and parameters")  # fmt: skip
@@ -267,10 +254,10 @@ class Daemon:
         if deadline <= now:
             self.counters.expired += 1
             return {"reply": Reply.EXPIRED.value, "request_id": rid, "message": "the request's deadline had passed"}
-        if len(self.jobs) >= self.max_queue:
+        if len(self.jobs) >= self.spec.max_queue:
             self.counters.busy_replies += 1
             return {"reply": Reply.BUSY.value, "retry_after": self._retry_after(),
-                    "message": f"{len(self.jobs)} shard(s) queued, the limit is {self.max_queue}"}  # fmt: skip
+                    "message": f"{len(self.jobs)} shard(s) queued, the limit is {self.spec.max_queue}"}  # fmt: skip
         job = Job(rid, input_path, output_path, request.sample, request.shard, request.attempt, deadline,
                   requesters=[identity], replace=os.path.lexists(output_path))  # fmt: skip
         self.jobs[rid] = job
@@ -282,8 +269,9 @@ class Daemon:
         return {"reply": Reply.ACCEPTED.value, "request_id": rid, "attached": False}
 
     def _retry_after(self) -> float:
-        """Seconds until a queue slot is likely free: the mean time of a shard so far (0.5 to 30 s)."""
-        return round(min(30.0, max(0.5, self.counters.mean_shard_seconds())), 2)
+        """Seconds until a queue slot is likely free: the mean time of a shard so far (within RETRY_AFTER_BOUNDS)."""
+        low, high = timing.RETRY_AFTER_BOUNDS
+        return round(min(high, max(low, self.counters.mean_shard_seconds())), 2)
 
     def _send(self, router: zmq.Socket, identity: bytes, reply: dict) -> None:
         reply["daemon_id"] = self.daemon_id
@@ -317,24 +305,24 @@ class Daemon:
                 event = events.recv_json(zmq.NOBLOCK)
             except zmq.Again:
                 return False
-            kind = event.pop("event")
-            if kind == "exit":
+            kind = WorkerEvent(event.pop("event"))
+            if kind is WorkerEvent.EXIT:
                 if self.stop_reason is None:  # the model thread died of a bug: say so, exit non-zero
                     self._publish(state=State.FAILED.value, reason="the embedding thread stopped unexpectedly")
                     self.stop_reason = "failed"
                 return True
-            if kind == "ready":
+            if kind is WorkerEvent.READY:
                 self.counters.model_loads, self.counters.load_seconds = 1, event["load_seconds"]
                 self.last_activity = time.monotonic()
-                log.info("daemon %s: %s loaded from %s in %.1f s", self.daemon_id, self.model, self.weights,
+                log.info("daemon %s: %s loaded from %s in %.1f s", self.daemon_id, self.model, self.spec.weights,
                          event["load_seconds"])  # fmt: skip
                 if self.stop_reason is None:
                     self._publish(state=State.READY.value)
-            elif kind == "load_failed":
+            elif kind is WorkerEvent.LOAD_FAILED:
                 log.error("daemon %s: could not load %s: %s", self.daemon_id, self.model, event["message"])
                 self._publish(state=State.FAILED.value, reason=event["message"])
                 self._begin_stop(router, "failed")
-            elif kind == "started":
+            elif kind is WorkerEvent.STARTED:
                 self.running = event["request_id"]
             else:
                 self._finish(router, event)
@@ -376,57 +364,28 @@ class Daemon:
     def final_stats(self, exit_reason: str) -> dict:
         identity = {
             "daemon_id": self.daemon_id, "model": self.model, "fingerprint": self.fingerprint, "device": self.device,
-            "gpus": self.entry["gpus"], "precision": self.precision, "host": self.entry["host"],
-            "address": self.entry["address"], "pid": self.entry["pid"], "transport": self.transport,
-            "max_queue": self.max_queue,
+            "gpus": self.entry["gpus"], "precision": self.spec.precision, "host": self.entry["host"],
+            "address": self.entry["address"], "pid": self.entry["pid"], "transport": self.spec.transport,
+            "max_queue": self.spec.max_queue, "session": self.entry["session"],
         }  # fmt: skip
         return final_stats(identity, self.counters, exit_reason, self.device)
 
 
-def serve(
-    model: str,
-    weights: Path,
-    *,
-    device: str,
-    run_dir: Path,
-    stats_output: Path,
-    daemon_id: str | None,
-    precision: str,
-    allowed_roots: list[Path],
-    idle_timeout: float,
-    cache_clear_every: int,
-    stop_file: Path | None = None,
-    max_queue: int = QUEUE_LIMIT,
-    drain_grace: float = DRAIN_GRACE_SECONDS,
-    transport: str = "ipc",
-    bind_host: str = "*",
-) -> None:
-    """Run a daemon for one model until stopped (a ``stop`` message, or the stop file changed: by default
-    the run folder's), idle or signalled; write its statistics to ``stats_output``."""
+def serve(spec: DaemonSpec, run_dir: Path, stats_output: Path) -> None:
+    """Run the daemon of ``spec`` until stopped (a ``stop`` message, or a stop file changed: by default the
+    run folder's and its model's), idle or signalled; write its statistics to ``stats_output``."""
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    model = canonical_model_name(model)
-    daemon_id = daemon_id or f"{model}-{socket.gethostname()}-{os.getpid()}"
-    if not DAEMON_ID.fullmatch(daemon_id):
-        raise UserError(f"daemon id '{daemon_id}': use letters, digits, '.', '_' and '-' only (at most 128)")
-    if transport not in TRANSPORTS:
-        raise UserError(f"unknown transport '{transport}': choose ipc or tcp")
-    if max_queue < 1 or drain_grace < 0:
-        raise UserError("--max-queue must be at least 1 and --drain-grace at least 0")
-    if not Path(weights).exists():
-        raise UserError(f"{weights}: model not found")
+    spec = spec.checked()
+    if not spec.weights.exists():
+        raise UserError(f"{spec.weights}: model not found")
     run = RunDir(run_dir)
     _raise_descriptor_limit()
-    _wait_for_predecessor(run, daemon_id, drain_grace + 10.0)
-    daemon = Daemon(
-        model=model, weights=weights, device=device, precision=precision, run=run, daemon_id=daemon_id,
-        roots=list(allowed_roots), idle_timeout=idle_timeout,
-        cache_clear_every=cache_clear_every, stop_file=stop_file or run.stop_file, max_queue=max_queue,
-        drain_grace=drain_grace, transport=transport, bind_host=bind_host,
-    )  # fmt: skip
+    _wait_for_predecessor(run, spec.daemon_id, spec.drain_grace + timing.KILL_GRACE)
+    daemon = Daemon(spec, run)
 
     def on_signal(number: int, _frame) -> None:
-        log.info("daemon %s: %s received: finishing the current shard (at most %.0f s), then exiting", daemon_id,
-                 signal.Signals(number).name, drain_grace)  # fmt: skip
+        log.info("daemon %s: %s received: finishing the current shard (at most %.0f s), then exiting",
+                 spec.daemon_id, signal.Signals(number).name, spec.drain_grace)  # fmt: skip
         daemon.signalled = True
 
     previous = {}
@@ -441,10 +400,10 @@ def serve(
         for number, handler in previous.items():
             signal.signal(number, handler)
     if reason == "failed":
-        raise UserError(f"daemon {daemon_id} ({model} from {weights}) failed: {daemon.entry['reason']}")
+        raise UserError(f"daemon {spec.daemon_id} ({spec.model} from {spec.weights}) failed: {daemon.entry['reason']}")
     stats = daemon.final_stats(reason)
     write_stats(Path(stats_output), stats)
-    log.info("daemon %s: exiting (%s) after %d shard(s), %d failure(s)", daemon_id, reason, stats["shards"],
+    log.info("daemon %s: exiting (%s) after %d shard(s), %d failure(s)", spec.daemon_id, reason, stats["shards"],
              stats["failures"])  # fmt: skip
     if abandoned:
         # The model thread is inside the model and its shard went back to its clients: leave now, after a

@@ -8,10 +8,13 @@ here (docs/daemons.md, "Run folder"):
     keys/{server,client}.key    the run's CURVE keys for tcp (0700 folder, 0600 files)
     requests/<request_id>.json  cross-daemon locks and ``done`` records of shards (0700)
     failures.tsv                the failure manifest (and failures.tsv.lock, its lock)
-    stop                        the stop token: a new content tells every daemon to stop
+    stop, stop-<model>          stop tokens: a new content tells every daemon (of that model) to stop
     heartbeat                   the running workflow's heartbeat (JSON, rewritten every few seconds)
-    settings.json               the running workflow's settings for its jobs (timeouts, policies)
-    events.jsonl                daemon lifecycle events (lost, frozen, restarted), one JSON per line
+    settings.json               the running workflow's settings for its jobs (daemon specs, timeouts)
+    events.jsonl                lifecycle events of the workflow runs (attempts, daemons lost, frozen)
+    daemons/<daemon_id>.stats.json  a serve job's output: its daemon's statistics (last attempt that ran it)
+    sessions/<session>/         one workflow run (attempt): a copy of its daemons' statistics
+    devices/<device>.lock       in-process embedding jobs of a run take turns on a GPU
 """
 
 from __future__ import annotations
@@ -76,7 +79,16 @@ class RunDir:
 
     @property
     def stop_file(self) -> Path:
+        """The run's stop token: every daemon of the run obeys it."""
         return self.root / "stop"
+
+    def model_stop_file(self, model: str) -> Path:
+        """The stop token of one model's daemons (the run stops a model's daemons once it has no work left)."""
+        return self.root / f"stop-{model}"
+
+    def stop_files(self, model: str | None = None) -> tuple[Path, ...]:
+        """The stop files a daemon of ``model`` obeys (the run's, then its model's)."""
+        return (self.stop_file,) if model is None else (self.stop_file, self.model_stop_file(model))
 
     @property
     def heartbeat(self) -> Path:
@@ -90,6 +102,24 @@ class RunDir:
     def events(self) -> Path:
         return self.root / "events.jsonl"
 
+    @property
+    def sessions(self) -> Path:
+        return self.root / "sessions"
+
+    def session_dir(self, session: str) -> Path:
+        return self.sessions / session
+
+    def daemon_stats(self, daemon_id: str) -> Path:
+        """A serve job's output: its daemon's statistics, from the last attempt that ran it."""
+        return self.root / "daemons" / f"{daemon_id}.stats.json"
+
+    def attempt_stats(self, session: str, daemon_id: str) -> Path:
+        """A copy of a daemon's statistics in the history of one workflow run (attempt)."""
+        return self.session_dir(session) / f"{daemon_id}.stats.json"
+
+    def device_lock(self, device: str) -> Path:
+        return self.root / "devices" / f"{device.replace(':', '-')}.lock"
+
     # --- operations on those paths -------------------------------------------------------------
     def read_stop_token(self, stop_file: Path | None = None) -> bytes | None:
         """The stop file's content (None if there is none, or it cannot be read)."""
@@ -98,6 +128,21 @@ class RunDir:
     def write_stop_token(self, stop_file: Path | None = None) -> None:
         """Replace the stop file's content by a token never written before: every daemon watching it stops."""
         atomic.write_text(stop_file or self.stop_file, f"stop {time.time():.6f} {secrets.token_hex(16)}\n")
+
+    def stop_tokens(self, model: str | None = None, baseline: dict | None = None) -> StopTokens:
+        """The stop files a daemon of ``model`` obeys, against ``baseline`` (a workflow run's recorded
+        ``stop_baselines``: name -> token), else against their contents now."""
+        files = self.stop_files(model)
+        if baseline is None:
+            return StopTokens(files)
+        return StopTokens(files, tuple(_token_of(baseline.get(path.name)) for path in files))
+
+    def stop_baselines(self, models: tuple[str, ...]) -> dict[str, str]:
+        """The contents of the run's and the models' stop files now (file name -> token), for the settings."""
+        return {
+            path.name: (read_token(path) or b"").decode()
+            for path in (self.stop_file, *map(self.model_stop_file, models))
+        }
 
     def read_settings(self) -> dict:
         """The running workflow's settings, for a job of that run: empty unless this process belongs to the
@@ -137,6 +182,28 @@ class RunDir:
             if isinstance(event, dict):
                 events.append(event)
         return events
+
+
+class StopTokens:
+    """Stop files and their contents at a baseline: a new content in any of them means stop."""
+
+    def __init__(self, files: tuple[Path, ...], baseline: tuple[bytes | None, ...] | None = None):
+        self.files = tuple(Path(path) for path in files)
+        self.baseline = tuple(baseline) if baseline is not None else self.read()
+
+    def read(self) -> tuple[bytes | None, ...]:
+        return tuple(read_token(path) for path in self.files)
+
+    def changed(self) -> Path | None:
+        """The first stop file whose content is no longer its baseline's, or None."""
+        for path, now, then in zip(self.files, self.read(), self.baseline):
+            if (now or b"") != (then or b""):
+                return path
+        return None
+
+
+def _token_of(text: object) -> bytes | None:
+    return text.encode() if isinstance(text, str) and text else None
 
 
 def read_token(path: Path | None) -> bytes | None:

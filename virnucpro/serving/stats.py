@@ -11,6 +11,8 @@ from pathlib import Path
 from virnucpro import atomic
 from virnucpro.errors import UserError
 
+LOSS_EVENTS = ("lost", "frozen")  # RUN/events.jsonl kinds that mean a daemon is gone
+
 
 @dataclass
 class DaemonCounters:
@@ -67,16 +69,38 @@ def read_stats(path: Path) -> dict:
     return stats
 
 
-def write_run_stats(daemon_stats: list[Path], output: Path, events: list[dict] | None = None) -> None:
-    """Collect the daemons' statistics files (and the run's daemon events: losses, freezes, restarts)
-    into ``run_stats.json``."""
-    daemons = [read_stats(path) for path in daemon_stats]
-    events = events or []
+def read_stats_session(path: Path) -> str | None:
+    """The workflow run (session) whose serve job wrote a statistics file, or None (no file, unreadable)."""
+    try:
+        session = read_stats(path).get("session")
+    except UserError:
+        return None
+    return session if isinstance(session, str) else None
+
+
+def write_run_stats(attempts: list[dict], output: Path) -> None:
+    """Write ``run_stats.json``: every attempt of the run (``history.run_history``) with its daemons' statistics
+    and events, and the totals over attempts (``daemons``, ``daemons_lost`` and ``events`` list them all)."""
+    daemons = [daemon for attempt in attempts for daemon in attempt["daemons"]]
+    events = [event for attempt in attempts for event in attempt["events"]]
+
+    def total(key: str, entries: list[dict]) -> int:
+        return sum(int(entry.get(key) or 0) for entry in entries)
+
     summary = {
+        "attempts": [
+            {**{key: value for key, value in attempt.items() if key not in ("daemons", "events")},
+             "daemons": [daemon.get("daemon_id") for daemon in attempt["daemons"]],
+             "model_loads": total("model_loads", attempt["daemons"]), "shards": total("shards", attempt["daemons"]),
+             "tokens": total("tokens", attempt["daemons"]),
+             "losses": [event for event in attempt["events"] if event.get("event") in LOSS_EVENTS]}
+            for attempt in attempts
+        ],
         "daemons": daemons,
-        "model_loads": sum(int(entry.get("model_loads", 0)) for entry in daemons),
-        "shards": sum(int(entry.get("shards", 0)) for entry in daemons),
-        "daemons_lost": [event for event in events if event.get("event") in ("lost", "frozen")],
+        "model_loads": total("model_loads", daemons),
+        "shards": total("shards", daemons),
+        "tokens": total("tokens", daemons),
+        "daemons_lost": [event for event in events if event.get("event") in LOSS_EVENTS],
         "events": events,
-    }
+    }  # fmt: skip
     atomic.write_text(Path(output), json.dumps(summary, indent=2) + "\n")

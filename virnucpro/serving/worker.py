@@ -1,8 +1,8 @@
 """The model thread of a daemon: loads the model once, then embeds one shard at a time.
 
-It knows nothing of sockets: shards come in through ``submit``, and every event (``ready``,
-``load_failed``, ``started``, ``finished``, ``exit``) goes out through the ``post`` callable it was
-given, so it can be driven and tested on its own. What it promises (docs/daemons.md):
+It knows nothing of sockets: shards come in through ``submit``, and every event (a ``WorkerEvent``:
+ready, load failed, started, finished, exit) goes out through the ``post`` callable it was given, so
+it can be driven and tested on its own. What it promises (docs/daemons.md):
 - a shard is computed by one daemon at a time: it holds an exclusive ``flock`` on the shard's request
   record while it computes, and writes the ``done`` reply there before it lets go;
 - an output that appeared while it computed (another daemon took the shard over) is never overwritten;
@@ -20,6 +20,7 @@ import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 from virnucpro.errors import UserError, environmental
@@ -27,8 +28,19 @@ from virnucpro.manifest import record_embed_failures
 from virnucpro.serving.confine import Confinement
 from virnucpro.serving.protocol import Reply
 from virnucpro.serving.rundir import RunDir, private_dir
+from virnucpro.serving.spec import DaemonSpec
 
 log = logging.getLogger(__name__)
+
+
+class WorkerEvent(str, Enum):
+    """What the model thread tells its daemon (the ``event`` field of each posted dict)."""
+
+    READY = "ready"  # the model is loaded (load_seconds)
+    LOAD_FAILED = "load_failed"  # it could not be (message); the thread exits
+    STARTED = "started"  # a shard is being computed (request_id)
+    FINISHED = "finished"  # a shard's outcome (reply, label, computed, cache_clears)
+    EXIT = "exit"  # the thread is leaving
 
 
 @dataclass
@@ -54,11 +66,9 @@ class Job:
 class Worker:
     """Owns the model; ``run`` (in its own thread) loads it, then takes jobs until ``close``."""
 
-    def __init__(self, *, model: str, weights: Path, device: str, precision: str, daemon_id: str, run: RunDir,
-                 confinement: Confinement, cache_clear_every: int, post: Callable[[dict], None]):  # fmt: skip
-        self.model, self.weights, self.device, self.precision = model, Path(weights), device, precision
-        self.daemon_id, self.rundir, self.confinement = daemon_id, run, confinement
-        self.cache_clear_every = max(1, cache_clear_every)
+    def __init__(self, spec: DaemonSpec, run: RunDir, confinement: Confinement, post: Callable[[dict], None]):
+        self.spec, self.rundir, self.confinement = spec, run, confinement
+        self.model, self.device, self.daemon_id = spec.model, spec.device, spec.daemon_id
         self.post = post
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.processed = 0
@@ -89,24 +99,24 @@ class Worker:
             while (job := self.queue.get()) is not None:
                 self._serve(embedder, job)
         finally:
-            self.post({"event": "exit"})
+            self.post({"event": WorkerEvent.EXIT.value})
 
     def _load(self):
         from virnucpro.engines.embed import load_embedder
 
         started = time.monotonic()
         try:
-            embedder = load_embedder(self.model, self.weights, device=self.device, precision=self.precision)
+            embedder = load_embedder(self.model, self.spec.weights, device=self.device, precision=self.spec.precision)
         except Exception as error:
             if not isinstance(error, UserError):
                 log.exception("daemon %s: loading failed", self.daemon_id)
-            self.post({"event": "load_failed", "message": f"{type(error).__name__}: {error}"})
+            self.post({"event": WorkerEvent.LOAD_FAILED.value, "message": f"{type(error).__name__}: {error}"})
             return None
-        self.post({"event": "ready", "load_seconds": round(time.monotonic() - started, 3)})
+        self.post({"event": WorkerEvent.READY.value, "load_seconds": round(time.monotonic() - started, 3)})
         return embedder
 
     def _serve(self, embedder, job: Job) -> None:
-        event = {"event": "finished", "label": job.label, "computed": False, "cache_clears": 0}
+        event = {"event": WorkerEvent.FINISHED.value, "label": job.label, "computed": False, "cache_clears": 0}
         reply = {"request_id": job.request_id}
         if time.monotonic() > job.deadline:
             self.post({**event, "reply": {**reply, "reply": Reply.EXPIRED.value}})
@@ -116,9 +126,9 @@ class Worker:
             self.post({**event, "reply": {**reply, **answer}})
             return
         try:
-            self.post({"event": "started", "request_id": job.request_id})
+            self.post({"event": WorkerEvent.STARTED.value, "request_id": job.request_id})
             self.processed += 1
-            result, clears = self._embed(embedder, job, clear_after=self.processed % self.cache_clear_every == 0)
+            result, clears = self._embed(embedder, job, clear_after=self.processed % self.spec.cache_clear_every == 0)
             if result["reply"] == Reply.DONE and lock >= 0:
                 os.ftruncate(lock, 0)
                 os.pwrite(lock, json.dumps(result).encode(), 0)

@@ -2,6 +2,7 @@
 # make progress (onstart), and the input and params functions of the rules.
 
 import csv
+import functools
 import os
 import re
 import shlex
@@ -14,9 +15,13 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 from virnucpro.engines.embed import GPU_SLOT_CPU, MODELS
+from virnucpro.errors import UserError
 from virnucpro.fingerprint import model_fingerprint
+from virnucpro.serving.plan import SnakemakePlan, models_with_work
 from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir
-from virnucpro.serving.supervise import RunWatch, clear_stale_outputs, new_session
+from virnucpro.serving.runwatch import RunWatch, new_session
+from virnucpro.serving.spec import DaemonSpec
+from virnucpro.serving.stats import read_stats_session
 
 SAMPLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # The workflow's own entries directly under results/ (not per sample): a sample of the same name would put
@@ -139,7 +144,8 @@ else:
     logger.warning("no samples configured: set 'samples' or 'sample_sheet' in the config (see config/README.md)")
 DAEMON_MODE = config["embedding_mode"] == "daemon"
 DAEMONS = daemon_table(config) if DAEMON_MODE else {}
-RUN = RunDir(config["run_dir"])
+# Absolute: the run's threads outlive snakemake's change into --directory (and back, at its end).
+RUN = RunDir(os.path.abspath(config["run_dir"]))
 RUN_DIR = str(RUN.root)
 # With a cluster executor the embedding clients run where snakemake runs (localrules, Snakefile).
 LOCAL_CLIENTS = DAEMON_MODE and config["cluster_local_clients"]
@@ -199,35 +205,51 @@ def get_predictions(wildcards):
     )
 
 
-def get_all_embeddings(wildcards):
-    """Both embedding files of every shard of every sample: the daemons' whole workload."""
+@functools.cache
+def get_models_with_work():
+    """The models that have an embedding to make in this run (serving.plan.models_with_work), all of them when
+    the user forces embedding (or sharding) jobs to run. Evaluated when the plan is built."""
+    settings = workflow.dag_settings
+    if settings.forceall or set(settings.forcerun) & FORCING_RULES:
+        return frozenset(MODELS)
+    made_with = {model: {"fingerprint": get_model_fingerprint(model), "precision": config["precision"]}
+                 for model in MODELS}  # fmt: skip
+    return frozenset(models_with_work(SAMPLES, made_with))
+
+
+def get_daemon_stats(wildcards=None):
+    """The serve jobs' outputs that the run statistics collect: of every daemon whose model has work, and of
+    those whose statistics an earlier attempt left (a model without work starts no daemon)."""
     return [
-        f"results/{sample}/work/embeddings/{shard}.{model}.pt"
-        for sample in SAMPLES
-        for shard in get_shards(sample)
-        for model in MODELS
+        str(RUN.daemon_stats(daemon))
+        for daemon, spec in DAEMONS.items()
+        if spec["model"] in get_models_with_work() or RUN.daemon_stats(daemon).exists()
     ]
 
 
-def get_daemon_stats():
-    return expand("results/daemons/{daemon}.stats.json", daemon=DAEMONS)
+def get_serve_attempt(wildcards):
+    """A serve job's tracked param: this run's session when its model has work (a new value, so the job runs),
+    else the session its existing statistics came from (unchanged, so it does not)."""
+    if DAEMONS[wildcards.daemon]["model"] in get_models_with_work():
+        return SESSION
+    return read_stats_session(RUN.daemon_stats(wildcards.daemon)) or SESSION
 
 
 def get_daemon_gpus(wildcards):
     return int(is_gpu(DAEMONS[wildcards.daemon]["device"]))
 
 
-def get_daemon_settings():
-    """What each daemon is and how it serves, for the run's settings (read by its serve job): the config's
-    transport, else ipc for a local run and tcp (across nodes) with a cluster executor."""
+def get_daemon_specs():
+    """Every daemon's spec (serving.spec.DaemonSpec), for the run's settings (read by its serve job and its
+    daemon): the config's transport, else ipc for a local run and tcp (across nodes) with a cluster executor."""
     transport = config["transport"] or ("ipc" if workflow.local_exec else "tcp")
     return {
-        daemon: {
-            "model": spec["model"], "weights": os.path.abspath(config["models"][spec["model"]]),
-            "device": spec["device"], "precision": config["precision"], "transport": transport,
-            "cache_clear_every": config["cache_clear_every"], "orphan_timeout": config["orphan_timeout"],
-            "freeze_timeout": config["freeze_timeout"], "bind_host": config["bind_host"],
-        }
+        daemon: DaemonSpec(
+            daemon_id=daemon, model=spec["model"], weights=config["models"][spec["model"]], device=spec["device"],
+            precision=config["precision"], transport=transport, bind_host=config["bind_host"],
+            allowed_roots=(os.path.abspath("results"),), cache_clear_every=config["cache_clear_every"],
+            orphan_timeout=config["orphan_timeout"], freeze_timeout=config["freeze_timeout"],
+        ).checked()
         for daemon, spec in DAEMONS.items()
     }  # fmt: skip
 

@@ -1,16 +1,19 @@
-# Stage 4: embed every shard with both models (the models are checked at start, common.smk). In daemon mode each job is a light client that hands
-# the shard to a running daemon (daemons.smk) and waits; in in_process mode it loads the model
-# itself. An embedding depends on what made it: the model's files (their fingerprint) and the
+# Stage 4: embed every shard with both models (the models are checked at start, common.smk). In daemon
+# mode each job is a light client that hands the shard to a running daemon (daemons.smk) and waits; in
+# in_process mode it loads the model itself. An embedding depends on what made it: the model's files (their fingerprint) and the
 # precision are params, so changing either re-embeds; how a job reaches its model is an untracked
 # param, and its timeout and the failure policy come from the run's settings (RUN_DIR/settings.json),
-# so changing them never does. A shard that fails for good is in the failure manifest either way.
+# so changing them never does. Beside each embedding, its record says what made it (the model's
+# fingerprint, the precision): a re-run plans the daemons of a model only when a record differs or misses.
+# A shard that fails for good is in the failure manifest either way.
 
 
 rule embed_esm2:
     input:
         shard="results/{sample}/work/shards/{shard}.faa",
     output:
-        "results/{sample}/work/embeddings/{shard}.esm2.pt",
+        embedding="results/{sample}/work/embeddings/{shard}.esm2.pt",
+        record="results/{sample}/work/embeddings/{shard}.esm2.json",
     params:
         model=get_model_fingerprint("esm2"),
         precision=config["precision"],
@@ -23,7 +26,8 @@ rule embed_esm2:
     conda:
         "../../envs/virnucpro.yaml"
     shell:
-        "virnucpro embed {input.shard:q} --model esm2 --output {output:q} --sample {wildcards.sample}"
+        "virnucpro embed {input.shard:q} --model esm2 --output {output.embedding:q} --record {output.record:q}"
+        " --sample {wildcards.sample}"
         " --shard {wildcards.shard} --precision {params.precision} --model-fingerprint {params.model}"
         " --run-dir {params.run_dir:q} {params.access} 2> {log:q}"
 
@@ -32,7 +36,8 @@ rule embed_dnabert_s:
     input:
         shard="results/{sample}/work/shards/{shard}.fa",
     output:
-        "results/{sample}/work/embeddings/{shard}.dnabert_s.pt",
+        embedding="results/{sample}/work/embeddings/{shard}.dnabert_s.pt",
+        record="results/{sample}/work/embeddings/{shard}.dnabert_s.json",
     params:
         model=get_model_fingerprint("dnabert_s"),
         precision=config["precision"],
@@ -45,6 +50,7 @@ rule embed_dnabert_s:
     conda:
         "../../envs/virnucpro.yaml"
     shell:
-        "virnucpro embed {input.shard:q} --model dnabert_s --output {output:q} --sample {wildcards.sample}"
+        "virnucpro embed {input.shard:q} --model dnabert_s --output {output.embedding:q} --record {output.record:q}"
+        " --sample {wildcards.sample}"
         " --shard {wildcards.shard} --precision {params.precision} --model-fingerprint {params.model}"
         " --run-dir {params.run_dir:q} {params.access} 2> {log:q}"

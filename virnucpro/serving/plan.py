@@ -1,0 +1,146 @@
+"""What a run will embed: a model's daemons are started only when it has embedding work, and stopped once
+the plan holds none (docs/daemons.md, "Lifecycle in a run", rules 1 and 2).
+
+Two views, one before the plan exists and one of the plan itself:
+
+- ``models_with_work`` reads the results folder, before snakemake builds its plan: a model has work when
+  a sample's frames are not sharded yet (or older than the reads they come from), or a shard's embedding
+  of that model is missing, older than its shard, or was made with another model file or precision
+  (its record, ``SampleFiles.embedding_record``). It decides which serve jobs the plan includes.
+- ``SnakemakePlan`` reads the running snakemake's own plan (its scheduler, under the scheduler's lock,
+  so that a checkpoint's new jobs are never half seen): which models still have embedding jobs (or
+  sharding jobs that will make some) that can run, and which daemons' serve jobs are planned. The run's
+  watch checks the first view against it at start, and stops a model's daemons once it has no work left.
+  It is duck-typed on snakemake 9's scheduler and DAG (the package never imports snakemake); if those
+  change, ``snapshot`` returns None and the watch falls back on its idle timeout.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from virnucpro.engines.provenance import read_record
+from virnucpro.layout import SHARD_PATTERN, SampleFiles
+
+log = logging.getLogger(__name__)
+
+
+def models_with_work(samples: dict[str, str], made_with: dict[str, dict], root: str = "results") -> set[str]:
+    """The models (keys of ``made_with``: model -> ``{"fingerprint", "precision"}`` of this run) that have an
+    embedding to make for ``samples`` (name -> reads file), as far as the files tell."""
+    left: set[str] = set()
+    for sample, reads in samples.items():
+        files = SampleFiles(sample, root)
+        if not _prepared(reads, files):
+            return set(made_with)
+        shards = _shard_names(files)
+        for model, identity in made_with.items():
+            if model not in left and any(_needs_embedding(files, shard, model, identity) for shard in shards):
+                left.add(model)
+        if left == set(made_with):
+            break
+    return left
+
+
+def _prepared(reads: str, files: SampleFiles) -> bool:
+    """Whether the sample's shards exist, each step's output no older than its input."""
+    chain = [reads, files.chunked, files.nucleotide_frames, files.shards]
+    times = [_mtime(path) for path in chain]
+    if None in times[1:]:
+        return False
+    return all(later >= earlier for earlier, later in zip(times, times[1:]) if earlier is not None)
+
+
+def _shard_names(files: SampleFiles) -> list[str]:
+    names = {os.path.basename(path)[: -len(".fa")] for path in glob.glob(os.path.join(files.shards, "shard_*.fa"))}
+    return sorted(name for name in names if _is_shard(name))
+
+
+def _is_shard(name: str) -> bool:
+    return re.fullmatch(SHARD_PATTERN, name) is not None
+
+
+def _needs_embedding(files: SampleFiles, shard: str, model: str, identity: dict) -> bool:
+    made = _mtime(files.embedding(shard, model))
+    source = _mtime(files.shard_input(shard, model))
+    if made is None or (source is not None and made < source):
+        return True
+    record = read_record(files.embedding_record(shard, model))
+    return record is None or any(record.get(key) != value for key, value in identity.items())
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class PlanSnapshot:
+    """The running plan at one moment."""
+
+    models_with_work: frozenset[str]  # models with embedding (or sharding) jobs left that can still run
+    serve_jobs: frozenset[str]  # daemon IDs whose serve jobs are pending or running
+
+
+class SnakemakePlan:
+    """A view of the plan of the snakemake process this runs in (its ``workflow`` object)."""
+
+    def __init__(self, workflow: object, *, embed_rules: dict[str, str], prep_rules: Iterable[str], serve_rule: str):
+        self.workflow = workflow
+        self.embed_rules = dict(embed_rules)  # rule name -> model
+        self.prep_rules = frozenset(prep_rules)  # rules whose jobs make shards (and so embedding jobs)
+        self.serve_rule = serve_rule
+        self.warned = False
+
+    def snapshot(self, lock_timeout: float = 1.0) -> PlanSnapshot | None:
+        """The plan now, or None when it cannot be read (the scheduler busy past ``lock_timeout``, or not of
+        the snakemake version this knows)."""
+        try:
+            scheduler = self.workflow.scheduler
+            lock = scheduler._lock
+            if not lock.acquire(timeout=lock_timeout):
+                return None
+            try:
+                jobs = list(scheduler.remaining_jobs) + list(scheduler.running)
+                failed = list(scheduler.failed)
+                depending = self.workflow.dag.depending
+                blocked = _downstream(failed, depending) if failed else set()
+            finally:
+                lock.release()
+            models, daemons = set(), set()
+            for job in jobs:
+                if job in blocked:
+                    continue
+                name = job.rule.name
+                if name in self.embed_rules:
+                    models.add(self.embed_rules[name])
+                elif name in self.prep_rules:
+                    models.update(self.embed_rules.values())
+                elif name == self.serve_rule:
+                    daemons.add(job.wildcards["daemon"])
+            return PlanSnapshot(frozenset(models), frozenset(daemons))
+        except (AttributeError, KeyError, TypeError, RuntimeError) as error:
+            if not self.warned:
+                self.warned = True
+                log.warning("virnucpro: cannot read snakemake's plan (%s: %s); daemons stop on idle_timeout",
+                            type(error).__name__, error)  # fmt: skip
+            return None
+
+
+def _downstream(jobs: list, depending: dict) -> set:
+    """Every job that depends, directly or not, on one of ``jobs`` (those can never run once they failed)."""
+    seen: set = set()
+    stack = list(jobs)
+    while stack:
+        for dependent in depending.get(stack.pop(), ()):
+            if dependent not in seen:
+                seen.add(dependent)
+                stack.append(dependent)
+    return seen
