@@ -280,7 +280,7 @@ def test_a_waiting_client_gives_up_when_the_stop_file_changes_or_every_daemon_fa
     for index in range(2):
         registry.remove_entry(run, f"esm2-{index}")
     monkeypatch.setenv("VIRNUCPRO_SESSION", "session-1")
-    run.write_settings({"session": "session-1", "stop_baseline": run.read_stop_token().decode()})
+    run.write_settings({"session": "session-1", "stop_baselines": run.stop_baselines(("esm2",))})
     run.write_stop_token()
     started = time.monotonic()
     with pytest.raises(UserError, match="the run is ending"):
