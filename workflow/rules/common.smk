@@ -144,7 +144,10 @@ else:
     logger.warning("no samples configured: set 'samples' or 'sample_sheet' in the config (see config/README.md)")
 DAEMON_MODE = config["embedding_mode"] == "daemon"
 DAEMONS = daemon_table(config) if DAEMON_MODE else {}
-# Absolute: the run's threads outlive snakemake's change into --directory (and back, at its end).
+# The run folder as configured names the rules' files (relative to the working directory unless given
+# absolute, so a moved working directory stays up to date); the run's threads and jobs get it absolute
+# (the threads outlive snakemake's change into --directory, and back at its end).
+RUN_FILES = RunDir(config["run_dir"])
 RUN = RunDir(os.path.abspath(config["run_dir"]))
 RUN_DIR = str(RUN.root)
 # With a cluster executor the embedding clients run where snakemake runs (localrules, Snakefile).
@@ -221,9 +224,9 @@ def get_daemon_stats(wildcards=None):
     """The serve jobs' outputs that the run statistics collect: of every daemon whose model has work, and of
     those whose statistics an earlier attempt left (a model without work starts no daemon)."""
     return [
-        str(RUN.daemon_stats(daemon))
+        str(RUN_FILES.daemon_stats(daemon))
         for daemon, spec in DAEMONS.items()
-        if spec["model"] in get_models_with_work() or RUN.daemon_stats(daemon).exists()
+        if spec["model"] in get_models_with_work() or RUN_FILES.daemon_stats(daemon).exists()
     ]
 
 
@@ -232,7 +235,7 @@ def get_serve_attempt(wildcards):
     else the session its existing statistics came from (unchanged, so it does not)."""
     if DAEMONS[wildcards.daemon]["model"] in get_models_with_work():
         return SESSION
-    return read_stats_session(RUN.daemon_stats(wildcards.daemon)) or SESSION
+    return read_stats_session(RUN_FILES.daemon_stats(wildcards.daemon)) or SESSION
 
 
 def get_daemon_gpus(wildcards):

@@ -65,7 +65,7 @@ onerror:
 # depend on the model (embed.smk).
 rule serve_model:
     output:
-        str(RUN.daemon_stats("{daemon}")),
+        str(RUN_FILES.daemon_stats("{daemon}")),
     params:
         attempt=get_serve_attempt,
         run_dir=untracked(RUN_DIR),
