@@ -132,8 +132,8 @@ def test_a_model_whose_embeddings_are_made_gets_no_daemon(workdir, test_models, 
 
 def test_a_single_target_is_embedded_without_a_wait_for_daemons(workdir, test_models, reference):
     configure(workdir, test_models)
-    result = snakemake(workdir, "--cores", "3", "--configfile", str(workdir / "config.yaml"),
-                       "results/demo/reads.tsv", timeout=900)  # fmt: skip
+    result = snakemake(workdir, "results/demo/reads.tsv", "--cores", "3", "--configfile",
+                       str(workdir / "config.yaml"), timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stdout[-10000:]
     assert "no esm2 daemon is part of this plan" in result.stdout
     assert "still waiting for a ready" not in result.stdout
@@ -208,8 +208,11 @@ def test_a_daemon_that_cannot_start_is_not_retried_and_the_run_says_why(workdir,
     result = run_workflow(workdir)
     assert result.returncode != 0
     assert time.monotonic() - started < CLIENT_TIMEOUT  # the clients did not wait out their timeout
-    assert "cannot start" in result.stdout and "not retried" in result.stdout
+    line = line_with(result.stdout, "virnucpro: daemon esm2-0 cannot start")
+    assert "not retried" in line and "esm2_t2_64_test.pt" in line, line
+    assert "every esm2 daemon" in result.stdout  # the waiting clients gave up at once, with the reason
     assert [event["daemon"] for event in serve_starts(workdir)].count("esm2-0") == 1
+    assert "cannot start" in (workdir / "logs" / "daemons" / "esm2-0.log").read_text()
 
 
 def test_every_attempt_of_a_serve_job_keeps_its_log_and_says_what_comes_next(workdir, test_models, reference):

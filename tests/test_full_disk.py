@@ -1,7 +1,7 @@
-"""A full disk is the machine's fault, not the shard's (issue 10, case 1): on a real file system that
-fills up in the middle of a run (a small tmpfs holding results/), the embedding jobs fail with one
-line naming the path and the cause, nothing is recorded as a bad shard, nothing is left that a re-run
-would take as done, and a re-run after space is freed gives the outputs of an undisturbed run."""
+"""A full disk is the machine's fault, not the shard's: on a real file system that fills up in the
+middle of a run (a small tmpfs holding results/, the run folder, or logs/), the run ends with one line
+naming the path and the cause (never a hang), nothing is recorded as a bad shard, nothing is left that a
+re-run would take as done, and a re-run after space is freed gives the outputs of an undisturbed run."""
 
 from __future__ import annotations
 
@@ -12,10 +12,15 @@ import pytest
 from runs import (
     DEMO_READS,
     assert_same_outputs,
+    daemons_in,
     embeddings,
     kill_all_in,
+    line_with,
+    run_output,
     run_workflow,
     snakemake,
+    start_run,
+    wait_until,
     write_config,
 )  # fmt: skip
 
@@ -89,4 +94,58 @@ def test_a_disk_that_fills_up_fails_the_run_cleanly_and_a_rerun_after_freeing_it
     (workdir / "results" / "filler").unlink()
     result = run_workflow(workdir)
     assert result.returncode == 0, result.stdout[-10000:]
+    assert_same_outputs(workdir, reference)
+
+
+@pytest.fixture
+def small_disk_at(tmp_path):
+    """Mount a fresh 8 MB tmpfs at a folder of the working directory (unmounted at the end)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = []
+
+    def mount(name: str):
+        folder = tmp_path / name
+        folder.mkdir(parents=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)], check=True)
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    kill_all_in(tmp_path)
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_run_folder_that_fills_up_ends_the_run_in_one_line_and_a_rerun_finishes(tmp_path, small_disk_at,
+                                                                                  test_models, reference):  # fmt: skip
+    workdir = tmp_path
+    run_folder = small_disk_at(".virnucpro")
+    write_config(workdir, test_models, {"demo": str(DEMO_READS)}, shard_size=SHARD_SIZE)
+    run = start_run(workdir)
+    wait_until(lambda: list((run_folder / "registry").glob("*.json")), 300, "the daemons registered", run)
+    assert fill(run_folder) > 0
+    assert run.wait(timeout=300) != 0  # it ends: a run whose heartbeat cannot be written never hangs
+    line = line_with(run_output(workdir), "the run cannot go on")
+    assert str(run_folder) in line and "No space left on device" in line, line
+    wait_until(lambda: not daemons_in(workdir), 120, "the daemons gone")
+
+    (run_folder / "filler").unlink()
+    result = run_workflow(workdir)
+    assert result.returncode == 0, result.stdout[-10000:]
+    assert_same_outputs(workdir, reference)
+
+
+def test_a_full_log_folder_never_hangs_the_run(tmp_path, small_disk_at, test_models, reference):
+    workdir = tmp_path
+    logs = small_disk_at("logs")
+    assert fill(logs) > 0
+    write_config(workdir, test_models, {"demo": str(DEMO_READS)}, shard_size=SHARD_SIZE)
+    result = run_workflow(workdir)  # within run_workflow's timeout: the failure mode was a hang
+    assert daemons_in(workdir) == {}
+    if result.returncode != 0:
+        assert "No space left on device" in result.stdout, result.stdout[-5000:]
+        (logs / "filler").unlink()
+        result = run_workflow(workdir)
+        assert result.returncode == 0, result.stdout[-10000:]
     assert_same_outputs(workdir, reference)

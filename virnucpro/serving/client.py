@@ -53,7 +53,9 @@ class DaemonPool:
         if changed is None:
             return
         if changed == self.run.stop_file or len(self.stops.files) == 1:
-            raise RunEnding(f"the run is ending (its stop file {changed} changed): not waiting for a {self.model} daemon")
+            raise RunEnding(
+                f"the run is ending (its stop file {changed} changed): not waiting for a {self.model} daemon"
+            )
         raise RunEnding(f"the {self.model} daemons are stopping (the stop file {changed} changed): not waiting for one")
 
     def pick(self, until: float, started: float) -> dict | None:

@@ -75,6 +75,7 @@ class RunWatch:
         self.stopped: set[str] = set()  # models whose daemons were told to stop ("*": all)
         self.ended = threading.Event()
         self.fatal_reported = False
+        self.reported: set[str] = set()  # daemons whose failure to start was said
         self.lock = threading.Lock()
 
     # --- start --------------------------------------------------------------------------------------
@@ -200,11 +201,25 @@ class RunWatch:
                                                        "host": socket.gethostname(), "pid": os.getpid(),
                                                        "workdir": os.getcwd()})  # fmt: skip
                 beat += 1
+                self._check_daemons()
                 self._check_plan()
                 self._check_quiet()
             except OSError as error:
                 self.fatal(error)
             self.ended.wait(timing.RUN_HEARTBEAT_EVERY)
+
+    def _check_daemons(self) -> None:
+        """Say once, in the run's output, why a daemon of this run could not start."""
+        for entry in registry.list_entries(self.run):
+            daemon = entry["daemon_id"]
+            if (
+                entry.get("state") == State.FAILED
+                and entry.get("session") == self.session
+                and daemon not in self.reported
+            ):
+                self.reported.add(daemon)
+                log.error("virnucpro: daemon %s cannot start: %s (not retried: a restart would not help)", daemon,
+                          entry.get("reason"))  # fmt: skip
 
     def _check_plan(self) -> None:
         """Stop each model's daemons once the plan has no embedding of it left that can run."""

@@ -180,9 +180,14 @@ def check_progress():
         )
 
 
+def get_sample_outputs():
+    """Every sample's tables."""
+    return expand("results/{sample}/{name}", sample=SAMPLES, name=SAMPLE_OUTPUTS)
+
+
 def get_final_outputs():
     """Every sample's outputs and report plots, and the run statistics (and their plot) in daemon mode."""
-    outputs = expand("results/{sample}/{name}", sample=SAMPLES, name=SAMPLE_OUTPUTS)
+    outputs = get_sample_outputs()
     outputs += expand("results/{sample}/plots/{name}.png", sample=SAMPLES, name=SAMPLE_PLOTS)
     if DAEMON_MODE and SAMPLES:
         outputs += ["results/run_stats.json", "results/daemons.png"]

@@ -3,7 +3,8 @@
 # and embeds the shards that the embedding jobs send it; a model with nothing to embed gets no serve job.
 # The run's watch (virnucpro.serving.runwatch, started below) stops a model's daemons once the plan holds
 # no embedding of it; each writes its statistics and exits, and collect_run_stats merges the statistics
-# of every attempt of the run.
+# of every attempt of the run (once the samples are done, so that an attempt that only finished them is
+# in the story too).
 #
 # The lifecycle (docs/daemons.md, "Lifecycle in a run"): the watch refuses a run folder another live
 # run uses, stops the daemons of an earlier run, then stops this run's daemons when their model's work
@@ -86,7 +87,8 @@ rule serve_model:
 
 rule collect_run_stats:
     input:
-        get_daemon_stats,
+        stats=get_daemon_stats,
+        samples=get_sample_outputs(),
     output:
         report("results/run_stats.json", caption="../report/run_stats.rst", category="Run statistics"),
     params:
@@ -96,4 +98,4 @@ rule collect_run_stats:
     conda:
         "../../envs/virnucpro.yaml"
     shell:
-        "virnucpro run-stats {input:q} --run-dir {params.run_dir:q} --output {output:q} 2> {log:q}"
+        "virnucpro run-stats {input.stats:q} --run-dir {params.run_dir:q} --output {output:q} 2> {log:q}"
