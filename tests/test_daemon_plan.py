@@ -90,7 +90,7 @@ def test_a_run_that_fails_after_its_daemons_stopped_resumes_without_any_daemon(w
     run = start_run(workdir)
     wait_until(lambda: (workdir / "results" / "demo" / "work" / "chunked.fa").exists(), 300, "chunking done", run)
     held = gate(reads_index)  # the sample's aggregation blocks on it, after every embedding is made
-    stats = workdir / ".virnucpro" / "daemons"
+    stats = workdir / "results" / "daemons"
     wait_until(lambda: len(list(stats.glob("*.stats.json"))) == 2 and not daemons_in(workdir), 300,
                "both daemons stopped with their statistics", run)  # fmt: skip
     wait_until(held.waiting, 120, "the aggregation waiting for its input", run)
@@ -130,21 +130,24 @@ def test_a_model_whose_embeddings_are_made_gets_no_daemon(workdir, test_models, 
     assert [event["daemon"] for event in serve_starts(workdir)] == ["esm2-0"]
 
 
-def test_a_single_target_is_embedded_without_a_wait_for_daemons(workdir, test_models, reference):
-    configure(workdir, test_models)
-    result = snakemake(workdir, "results/demo/reads.tsv", "--cores", "3", "--configfile",
-                       str(workdir / "config.yaml"), timeout=900)  # fmt: skip
+def test_a_single_target_is_embedded_without_a_wait_for_daemons(tmp_path, test_models, reference):
+    target, until = tmp_path / "target", tmp_path / "until"
+    configure(target, test_models)
+    result = snakemake(target, "results/demo/reads.tsv", "--cores", "3", "--configfile",
+                       str(target / "config.yaml"), timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stdout[-10000:]
     assert "no esm2 daemon is part of this plan" in result.stdout
     assert "still waiting for a ready" not in result.stdout
-    assert_same_outputs(workdir, reference)
+    assert_same_outputs(target, reference)
 
-    for path in (workdir / "results" / "demo").glob("*.*"):
-        path.unlink()
-    until = snakemake(workdir, "--cores", "3", "--configfile", str(workdir / "config.yaml"), "--until",
-                      "aggregate_sample", timeout=900)  # fmt: skip
-    assert until.returncode == 0, until.stdout[-10000:]
-    assert_same_outputs(workdir, reference)
+    configure(until, test_models)
+    result = snakemake(until, "--cores", "3", "--configfile", str(until / "config.yaml"), "--until",
+                       "aggregate_sample", timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-10000:]
+    assert "no dnabert_s daemon is part of this plan" in result.stdout
+    assert len(list((until / "results" / "demo" / "work" / "predictions").glob("*.tsv"))) == shard_count(until)
+    kill_all_in(target)
+    kill_all_in(until)
 
 
 def test_a_run_from_another_folder_leaves_nothing_there_and_never_disturbs_the_run_of_that_folder(

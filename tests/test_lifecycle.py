@@ -148,4 +148,4 @@ def test_a_daemon_outlives_its_killed_snakemake_by_the_orphan_timeout_at_most(ru
     wait_until(lambda: not serve_jobs_in(run_dir), 60, "the serve jobs ended after their daemons")
     for log in (run_dir / "logs" / "daemons").glob("*-0.log"):
         assert "the run that started daemon" in log.read_text(), log.name
-    assert not list((run_dir / ".virnucpro" / "daemons").glob("*.stats.json"))  # no statistics of a dead run
+    assert not list((run_dir / "results" / "daemons").glob("*.stats.json"))  # no statistics of a dead run

@@ -128,6 +128,10 @@ class RunFiles:
     def daemons_plot(self) -> str:
         return os.path.join(self.root, "daemons.png")
 
+    def daemon_stats(self, daemon_id: str) -> str:
+        """A serve job's output: its daemon's statistics, from the last attempt that ran it."""
+        return os.path.join(self.root, "daemons", f"{daemon_id}.stats.json")
+
     @property
     def reserved_names(self) -> frozenset[str]:
         """Names under ``results/`` that no sample may take (compared without letter case)."""

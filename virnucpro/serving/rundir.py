@@ -12,7 +12,6 @@ here (docs/daemons.md, "Run folder"):
     heartbeat                   the running workflow's heartbeat (JSON, rewritten every few seconds)
     settings.json               the running workflow's settings for its jobs (daemon specs, timeouts)
     events.jsonl                lifecycle events of the workflow runs (attempts, daemons lost, frozen)
-    daemons/<daemon_id>.stats.json  a serve job's output: its daemon's statistics (last attempt that ran it)
     sessions/<session>/         one workflow run (attempt): a copy of its daemons' statistics
     devices/<device>.lock       in-process embedding jobs of a run take turns on a GPU
 """
@@ -108,10 +107,6 @@ class RunDir:
 
     def session_dir(self, session: str) -> Path:
         return self.sessions / session
-
-    def daemon_stats(self, daemon_id: str) -> Path:
-        """A serve job's output: its daemon's statistics, from the last attempt that ran it."""
-        return self.root / "daemons" / f"{daemon_id}.stats.json"
 
     def attempt_stats(self, session: str, daemon_id: str) -> Path:
         """A copy of a daemon's statistics in the history of one workflow run (attempt)."""

@@ -20,6 +20,7 @@ It owns the decision "the run has nothing left for a daemon"; the serve job owns
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from virnucpro import atomic
 from virnucpro.errors import UserError, environmental
@@ -44,6 +46,7 @@ from virnucpro.serving.worker import prune_request_records
 
 log = logging.getLogger(__name__)
 
+LEAST_FREE_BYTES = 64 * 1024  # below this, the disk of the run folder or of the logs counts as full
 _DAEMON_OUTPUT = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)\.stats\.json")  # a serve job's output names its daemon
 
 
@@ -57,13 +60,15 @@ class RunWatch:
     in ``onsuccess`` and ``onerror``."""
 
     def __init__(self, run: RunDir, session: str, *, specs: dict[str, DaemonSpec], idle_timeout: float,
-                 daemon_restarts: int, job_settings: dict, serve_rule: str = "serve_model"):  # fmt: skip
+                 daemon_restarts: int, job_settings: dict, serve_rule: str = "serve_model",
+                 guarded: tuple[Path, ...] = ()):  # fmt: skip
         self.run, self.session = run, session
         self.specs = specs
         self.models = tuple(dict.fromkeys(spec.model for spec in specs.values()))
         self.idle_timeout, self.daemon_restarts = idle_timeout, daemon_restarts
         self.job_settings = job_settings
         self.serve_rule = serve_rule
+        self.guarded = (run.root, *guarded)  # folders whose disk must not fill up: jobs could not say why
         self.keep_going = False
         self.plan: SnakemakePlan | None = None
         self.serve_failures: dict[str, int] = {}  # daemon ID -> how often its serve job failed
@@ -85,6 +90,9 @@ class RunWatch:
         anything changed, if the folder is another live run's or the plan needs daemons it does not hold."""
         self.run.root.mkdir(parents=True, exist_ok=True)
         refuse_if_in_use(self.run, self.session)
+        full = full_disk(self.guarded)
+        if full is not None:
+            raise UserError(f"{full}; free space there and run again")
         self.plan, self.keep_going = plan, keep_going
         in_process, idle_models = self._reconcile(local)
         from virnucpro.serving.client import stop_daemons
@@ -201,6 +209,9 @@ class RunWatch:
                                                        "host": socket.gethostname(), "pid": os.getpid(),
                                                        "workdir": os.getcwd()})  # fmt: skip
                 beat += 1
+                full = full_disk(self.guarded)
+                if full is not None:
+                    raise OSError(errno.ENOSPC, full)
                 self._check_daemons()
                 self._check_plan()
                 self._check_quiet()
@@ -254,12 +265,14 @@ class RunWatch:
                                   + (" since a job failed" if failed_at else " (config key idle_timeout)"))  # fmt: skip
 
     def fatal(self, error: BaseException) -> None:
-        """The run cannot go on (its run folder cannot be written): say why in one line, and end snakemake as
-        on Ctrl-C (it cancels its jobs; the serve jobs stop their daemons). Raises nothing."""
+        """The run cannot go on (its run folder cannot be written, a guarded disk is full): say why in one line,
+        and end snakemake as on Ctrl-C (it cancels its jobs; the serve jobs stop their daemons). Raises
+        nothing."""
         if self.fatal_reported:
             return
         self.fatal_reported = True
-        cause = environmental(error) or error
+        cause = error.strerror if isinstance(error, OSError) and error.filename is None else None
+        cause = cause or environmental(error) or error
         log.error("virnucpro: the run cannot go on: %s; fix it and run again (the run resumes)", cause)
         os.kill(os.getpid(), signal.SIGINT)
 
@@ -330,6 +343,23 @@ def refuse_if_in_use(run: RunDir, session: str) -> None:
         raise UserError(f"the run folder {run.root} is in use by another running workflow (pid {beat.get('pid')} "
                         f"on {beat.get('host')}, in {beat.get('workdir')}): wait for it to end, or give this run "
                         "another folder (config key run_dir)")  # fmt: skip
+
+
+def full_disk(folders: tuple[Path, ...], least: int = LEAST_FREE_BYTES) -> str | None:
+    """ "FOLDER: no space left on device (N bytes free)" for the first folder (or, before it exists, its nearest
+    existing parent) whose file system has less than ``least`` bytes free for this user; None if none."""
+    for folder in folders:
+        existing = Path(folder)
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        try:
+            stats = os.statvfs(existing)
+        except OSError:
+            continue
+        free = stats.f_bavail * stats.f_frsize
+        if free < least:
+            return f"{folder}: {os.strerror(errno.ENOSPC)} ({free:,} bytes free)"
+    return None
 
 
 def _read_heartbeat(run: RunDir) -> dict | None:

@@ -74,8 +74,7 @@ def serve_job(run_dir: Path, daemon_id: str, stats_output: Path, attempts_log: P
         _write_final(run, stats_output, {"daemon_id": daemon_id, "model": spec.model, "model_loads": 0, "shards": 0,
                                          "session": session, "attempt": attempt,
                                          "exit_reason": "not started: its model has no work left"})  # fmt: skip
-        print(f"virnucpro serve-job: {daemon_id}: its model has no work left in this run; not starting the daemon",
-              file=sys.stderr)  # fmt: skip
+        _say(f"virnucpro serve-job: {daemon_id}: its model has no work left in this run; not starting the daemon")
         return ServeJobExit.DONE
     log_file = _open_attempts_log(attempts_log, attempt, session, daemon_id)
     command = [sys.executable, "-m", "virnucpro", "serve", "--from-run", "--run-dir", str(run.root),
@@ -92,7 +91,7 @@ def serve_job(run_dir: Path, daemon_id: str, stats_output: Path, attempts_log: P
         code = watcher.watch()
     except _RunGone as gone:  # no statistics of it: a later run must start its own daemons
         Path(stats_output).unlink(missing_ok=True)
-        print(f"virnucpro serve-job: {gone}", file=sys.stderr)
+        _say(f"virnucpro serve-job: {gone}")
         return ServeJobExit.RUN_GONE
     finally:
         for number, handler in previous.items():
@@ -114,8 +113,7 @@ def serve_job(run_dir: Path, daemon_id: str, stats_output: Path, attempts_log: P
         _write_final(run, stats_output, {"daemon_id": daemon_id, "model": spec.model, "host": socket.gethostname(),
                                          "model_loads": 0, "shards": 0, "session": session, "attempt": attempt,
                                          "exit_reason": f"cannot start: {reason}", "events": events})  # fmt: skip
-        print(f"virnucpro serve-job: daemon {daemon_id} cannot start: {reason} (not retried: a restart would not "
-              "help)", file=sys.stderr)  # fmt: skip
+        _say(f"virnucpro serve-job: daemon {daemon_id} cannot start: {reason} (not retried: a restart would not help)")
         return ServeJobExit.DONE
     how = "froze and was killed" if watcher.frozen else f"died ({_describe_exit(code)})"
     run.record_event(event="frozen" if watcher.frozen else "lost", daemon=daemon_id, model=spec.model,
@@ -126,15 +124,13 @@ def serve_job(run_dir: Path, daemon_id: str, stats_output: Path, attempts_log: P
         _write_final(run, stats_output, {"daemon_id": daemon_id, "model": spec.model, "host": socket.gethostname(),
                                          "model_loads": 0, "shards": 0, "exit_reason": "lost", "session": session,
                                          "attempt": attempt, "events": _events_of(run, session, daemon_id)})  # fmt: skip
-        print(f"virnucpro serve-job: daemon {daemon_id} {how}; {', '.join(others)} take(s) its work over",
-              file=sys.stderr)  # fmt: skip
+        _say(f"virnucpro serve-job: daemon {daemon_id} {how}; {', '.join(others)} take(s) its work over")
         return ServeJobExit.DONE
     if attempt <= restarts:
         then = f"a restart of this serve job replaces it (attempt {attempt + 1} of {restarts + 1})"
     else:
         then = f"no restart is left (config key daemon_restarts: {restarts}); a re-run resumes"
-    print(f"virnucpro serve-job: daemon {daemon_id} {how} and no other {spec.model} daemon is running: {then}",
-          file=sys.stderr)  # fmt: skip
+    _say(f"virnucpro serve-job: daemon {daemon_id} {how} and no other {spec.model} daemon is running: {then}")
     return ServeJobExit.REPLACE
 
 
@@ -231,7 +227,7 @@ def _open_attempts_log(path: Path | None, attempt: int, session: str, daemon_id:
         handle.flush()
         return handle
     except OSError as error:
-        print(f"virnucpro serve-job: cannot write {path}: {error.strerror}", file=sys.stderr)
+        _say(f"virnucpro serve-job: cannot write {path}: {error.strerror}")
         return None
 
 
@@ -264,6 +260,14 @@ def _clear_earlier_entry(run: RunDir, daemon_id: str, session: str) -> None:
 def _events_of(run: RunDir, session: str, daemon_id: str) -> list[dict]:
     return [event for event in run.read_events() if event.get("session") == session
             and event.get("daemon") == daemon_id and event.get("event") != "serve_started"]  # fmt: skip
+
+
+def _say(message: str) -> None:
+    """One line on stderr (the job's log), if it can be written: a full log disk must not end the job."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def _reason(last_line: list[bytes], code: int) -> str:

@@ -17,6 +17,7 @@ from snakemake.utils import validate
 from virnucpro.engines.embed import GPU_SLOT_CPU, MODELS
 from virnucpro.errors import UserError
 from virnucpro.fingerprint import model_fingerprint
+from virnucpro.layout import RunFiles
 from virnucpro.serving.plan import SnakemakePlan, models_with_work
 from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir
 from virnucpro.serving.runwatch import RunWatch, new_session
@@ -144,11 +145,9 @@ else:
     logger.warning("no samples configured: set 'samples' or 'sample_sheet' in the config (see config/README.md)")
 DAEMON_MODE = config["embedding_mode"] == "daemon"
 DAEMONS = daemon_table(config) if DAEMON_MODE else {}
-# The run folder as configured names the rules' files (relative to the working directory unless given
-# absolute, so a moved working directory stays up to date); the run's threads and jobs get it absolute
-# (the threads outlive snakemake's change into --directory, and back at its end).
-RUN_FILES = RunDir(config["run_dir"])
+# Absolute: the run's threads outlive snakemake's change into --directory (and back, at its end).
 RUN = RunDir(os.path.abspath(config["run_dir"]))
+RUN_FILES = RunFiles()
 RUN_DIR = str(RUN.root)
 # With a cluster executor the embedding clients run where snakemake runs (localrules, Snakefile).
 LOCAL_CLIENTS = DAEMON_MODE and config["cluster_local_clients"]
@@ -229,9 +228,9 @@ def get_daemon_stats(wildcards=None):
     """The serve jobs' outputs that the run statistics collect: of every daemon whose model has work, and of
     those whose statistics an earlier attempt left (a model without work starts no daemon)."""
     return [
-        str(RUN_FILES.daemon_stats(daemon))
+        RUN_FILES.daemon_stats(daemon)
         for daemon, spec in DAEMONS.items()
-        if spec["model"] in get_models_with_work() or RUN_FILES.daemon_stats(daemon).exists()
+        if spec["model"] in get_models_with_work() or os.path.exists(RUN_FILES.daemon_stats(daemon))
     ]
 
 

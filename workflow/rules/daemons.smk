@@ -29,6 +29,7 @@ if MAIN_PROCESS and DAEMON_MODE:
         specs=get_daemon_specs(),
         idle_timeout=config["idle_timeout"],
         daemon_restarts=config["daemon_restarts"],
+        guarded=(Path("logs").absolute(),),
         job_settings={
             "client_timeout": config["client_timeout"],
             "on_failure": "record" if config["failure_policy"] == "continue" else "fail",
@@ -66,7 +67,7 @@ onerror:
 # depend on the model (embed.smk).
 rule serve_model:
     output:
-        str(RUN_FILES.daemon_stats("{daemon}")),
+        RUN_FILES.daemon_stats("{daemon}"),
     params:
         attempt=get_serve_attempt,
         run_dir=untracked(RUN_DIR),
