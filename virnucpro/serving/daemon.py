@@ -21,7 +21,7 @@ from pathlib import Path
 
 import zmq
 
-from virnucpro.engines.embed import canonical_model_name
+from virnucpro.engines.embed import canonical_model_name, model_files
 from virnucpro.errors import UserError
 from virnucpro.fingerprint import model_fingerprint
 from virnucpro.serving import registry, transport
@@ -60,7 +60,7 @@ class Daemon:
                  max_queue: int, drain_grace: float, transport: str, bind_host: str):  # fmt: skip
         self.model, self.weights, self.device, self.precision = model, Path(weights), device, precision
         self.rundir, self.daemon_id = run, daemon_id
-        self.confinement = Confinement(roots, never_write=[run.root, self.weights])
+        self.confinement = Confinement(roots, never_write=[run.root, *model_files(self.weights)])
         self.fingerprint = model_fingerprint(self.weights)
         self.idle_timeout, self.max_queue, self.drain_grace = idle_timeout, max(1, max_queue), drain_grace
         self.cache_clear_every = max(1, cache_clear_every)
@@ -423,6 +423,7 @@ def serve(
         cache_clear_every=cache_clear_every, stop_file=stop_file or run.stop_file, max_queue=max_queue,
         drain_grace=drain_grace, transport=transport, bind_host=bind_host,
     )  # fmt: skip
+    daemon.confinement.protect(stats_output)
 
     def on_signal(number: int, _frame) -> None:
         log.info("daemon %s: %s received: finishing the current shard (at most %.0f s), then exiting", daemon_id,

@@ -29,10 +29,10 @@ SAMPLE_OUTPUTS = (
     "failures.tsv",
 )
 SAMPLE_PLOTS = ("scores", "verdicts", "failures")  # results/{sample}/plots/*.png, in the report
-MODEL_HINTS = {
-    "esm2": "the ESM-2 checkpoint esm2_t36_3B_UR50D.pt (with its -contact-regression.pt beside it)",
-    "dnabert_s": "the DNABERT-S snapshot folder",
-    "classifier": "the classifier 300_model.pth or 500_model.pth",
+MODEL_HINTS = {  # what each model path must be: a file or a folder, and which
+    "esm2": ("file", "the ESM-2 checkpoint esm2_t36_3B_UR50D.pt (with its -contact-regression.pt beside it)"),
+    "dnabert_s": ("folder", "the DNABERT-S snapshot folder"),
+    "classifier": ("file", "the classifier 300_model.pth or 500_model.pth"),
 }
 
 
@@ -56,25 +56,33 @@ def validate_config(config):
 
 
 def read_sample_sheet(path):
-    """Sample name -> FASTA path from a TSV with the header 'sample<TAB>fasta'."""
+    """Sample name -> FASTA path from a TSV with the header 'sample<TAB>fasta' (UTF-8, a byte-order mark
+    ignored; lines may end in LF, CRLF or a lone CR)."""
     sheet = Path(path)
     if not sheet.is_file():
         raise WorkflowError(f"config key 'sample_sheet': file not found: {sheet}")
     samples = {}
-    with sheet.open(newline="") as handle:
+    with sheet.open(encoding="utf-8-sig", newline="") as handle:
         rows = csv.reader(handle, delimiter="\t")
-        header = next(rows, None)
-        if header is None or [field.strip() for field in header[:2]] != ["sample", "fasta"]:
-            raise WorkflowError(f"sample sheet {sheet}: the first line must be the header 'sample<TAB>fasta'")
-        for line, row in enumerate(rows, start=2):
-            if not any(field.strip() for field in row):
-                continue
-            if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                raise WorkflowError(f"sample sheet {sheet}, line {line}: expected 'sample<TAB>fasta'")
-            name, fasta = row[0].strip(), row[1].strip()
-            if name in samples:
-                raise WorkflowError(f"sample sheet {sheet}, line {line}: sample '{name}' is listed twice")
-            samples[name] = str(sheet.parent / fasta) if not os.path.isabs(fasta) else fasta
+        try:
+            header = next(rows, None)
+            if header is None or [field.strip() for field in header[:2]] != ["sample", "fasta"]:
+                raise WorkflowError(f"sample sheet {sheet}: the first line must be the header 'sample<TAB>fasta'")
+            for row in rows:
+                if not any(field.strip() for field in row):
+                    continue
+                if len(row) < 2 or not row[0].strip() or not row[1].strip():
+                    raise WorkflowError(f"sample sheet {sheet}, line {rows.line_num}: expected 'sample<TAB>fasta'")
+                name, fasta = row[0].strip(), row[1].strip()
+                if name in samples:
+                    raise WorkflowError(
+                        f"sample sheet {sheet}, line {rows.line_num}: sample '{name}' is listed twice"
+                    )
+                samples[name] = str(sheet.parent / fasta) if not os.path.isabs(fasta) else fasta
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise WorkflowError(
+                f"sample sheet {sheet}: not tab-separated UTF-8 text ({error}); save it as plain text"
+            ) from None
     return samples
 
 
@@ -105,14 +113,20 @@ def load_samples(config):
 
 
 def check_models(config):
-    """Every model path exists; warn when the classifier's file name names the other length."""
-    for key, hint in MODEL_HINTS.items():
+    """Every model path exists and is what it must be (a file or a folder); warn when the classifier's file
+    name names the other length."""
+    for key, (kind, hint) in MODEL_HINTS.items():
         path = config["models"][key]
         if not os.path.exists(path):
             raise WorkflowError(
                 f"config key 'models.{key}': not found: {path}. Put {hint} there (virnucpro models "
                 "download), or for a trial run use small test models: virnucpro make-test-models DIR "
                 "writes them and lists their paths in DIR/models.json"
+            )
+        found = "folder" if os.path.isdir(path) else "file"
+        if found != kind:
+            raise WorkflowError(
+                f"config key 'models.{key}': {path} is a {found}, but it must be a {kind}: {hint}"
             )
     named = re.findall(r"(?<![0-9])(300|500)(?![0-9])", os.path.basename(config["models"]["classifier"]))
     if named and int(named[0]) != config["length"]:
