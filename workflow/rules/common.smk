@@ -75,9 +75,7 @@ def read_sample_sheet(path):
                     raise WorkflowError(f"sample sheet {sheet}, line {rows.line_num}: expected 'sample<TAB>fasta'")
                 name, fasta = row[0].strip(), row[1].strip()
                 if name in samples:
-                    raise WorkflowError(
-                        f"sample sheet {sheet}, line {rows.line_num}: sample '{name}' is listed twice"
-                    )
+                    raise WorkflowError(f"sample sheet {sheet}, line {rows.line_num}: sample '{name}' is listed twice")
                 samples[name] = str(sheet.parent / fasta) if not os.path.isabs(fasta) else fasta
         except (UnicodeDecodeError, csv.Error) as error:
             raise WorkflowError(
@@ -125,9 +123,7 @@ def check_models(config):
             )
         found = "folder" if os.path.isdir(path) else "file"
         if found != kind:
-            raise WorkflowError(
-                f"config key 'models.{key}': {path} is a {found}, but it must be a {kind}: {hint}"
-            )
+            raise WorkflowError(f"config key 'models.{key}': {path} is a {found}, but it must be a {kind}: {hint}")
     named = re.findall(r"(?<![0-9])(300|500)(?![0-9])", os.path.basename(config["models"]["classifier"]))
     if named and int(named[0]) != config["length"]:
         logger.warning(
