@@ -251,31 +251,41 @@ def read_embeddings(path: Path) -> tuple[list[str], torch.Tensor]:
     except Exception as error:  # torch says OSError (EINVAL), RuntimeError, UnpicklingError, EOFError, ...
         if environmental(error) is not None:
             raise
-        raise _damaged(path, f"{type(error).__name__}: {str(error).strip()}".split(". ")[0][:200]) from None
+        raise DamagedEmbeddings(path, f"{type(error).__name__}: {str(error).strip()}".split(". ")[0][:200]) from None
     if not isinstance(data, dict) or not isinstance(data.get("ids"), list) or "embeddings" not in data:
         raise UserError(f"{path}: not an embedding file (expected a dict with 'ids' and 'embeddings')")
     ids, vectors = data["ids"], data["embeddings"]
     if not isinstance(vectors, torch.Tensor) or vectors.ndim != 2 or vectors.shape[0] != len(ids):
-        raise _damaged(path, "'embeddings' is not a 2-D tensor with one row per ID")
+        raise DamagedEmbeddings(path, "'embeddings' is not a 2-D tensor with one row per ID")
     if "crc32" in data and data["crc32"] != embeddings_checksum(ids, vectors):  # (files of older versions have none)
-        raise _damaged(path, "its checksum does not match its content")
+        raise DamagedEmbeddings(path, "its checksum does not match its content")
     return ids, vectors
 
 
-def embedding_file_damage(path: Path) -> str | None:
+def embedding_file_damage(path: Path, *, whole: bool = False) -> str | None:
     """Why an existing embedding file is truncated or damaged, judged from its zip structure alone (the end
-    record and the central directory, a few hundred bytes: not the tensors); None if it looks whole."""
+    record and the central directory, a few hundred bytes), or with ``whole`` also by reading it and
+    comparing its checksum; None if it looks whole."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
-        return f"not a whole zip archive ({error})"
+        return f"not a whole zip archive: {error}"
     if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
         return "no data.pkl in its zip archive"
+    if whole:
+        try:
+            read_embeddings(path)
+        except DamagedEmbeddings as error:
+            return error.cause
     return None
 
 
-def _damaged(path: Path, cause: str) -> UserError:
-    return UserError(f"{path}: the embedding file is truncated or corrupt ({cause}); delete it and run again")
+class DamagedEmbeddings(UserError):
+    """An embedding file that is truncated or corrupt; ``cause`` says how it shows."""
+
+    def __init__(self, path: Path, cause: str):
+        super().__init__(f"{path}: the embedding file is truncated or corrupt ({cause}); delete it and run again")
+        self.cause = cause

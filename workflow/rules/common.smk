@@ -5,6 +5,7 @@ import csv
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -14,7 +15,9 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 from virnucpro.engines.embed import GPU_SLOT_CPU, MODELS
+from virnucpro.errors import UserError
 from virnucpro.fingerprint import model_fingerprint
+from virnucpro.resume import FILE, TABLE, Shard, check_intermediates
 from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir
 from virnucpro.serving.supervise import RunWatch, clear_stale_outputs, new_session
 
@@ -29,6 +32,8 @@ SAMPLE_OUTPUTS = (
     "failures.tsv",
 )
 SAMPLE_PLOTS = ("scores", "verdicts", "failures")  # results/{sample}/plots/*.png, in the report
+# results/{sample}/work/*: what a sample's shards were made from, and what its tables are made from
+SAMPLE_INTERMEDIATES = ("chunked.fa", "reads_index.tsv", "identified_nucleotide.fa", "identified_protein.faa")
 MODEL_HINTS = {  # what each model path must be: a file or a folder, and which
     "esm2": ("file", "the ESM-2 checkpoint esm2_t36_3B_UR50D.pt (with its -contact-regression.pt beside it)"),
     "dnabert_s": ("folder", "the DNABERT-S snapshot folder"),
@@ -154,6 +159,13 @@ RUN_DIR = str(RUN.root)
 # With a cluster executor the embedding clients run where snakemake runs (localrules, Snakefile).
 LOCAL_CLIENTS = DAEMON_MODE and config["cluster_local_clients"]
 MAIN_PROCESS = not (workflow.remote_exec or workflow.subprocess_exec)  # not a job's own snakemake
+# `snakemake --report FILE` (not --report-after-run) renders what earlier runs made: the finished samples,
+# and why the others are not (report.smk). Snakemake tells a workflow no more than its command line.
+REPORT_ONLY = (
+    MAIN_PROCESS
+    and any(arg == "--report" or arg.startswith("--report=") for arg in sys.argv)
+    and "--report-after-run" not in sys.argv
+)
 
 
 def is_gpu(device):
@@ -182,12 +194,53 @@ def check_progress():
 
 
 def get_final_outputs():
-    """Every sample's outputs and report plots, and the run statistics (and their plot) in daemon mode."""
-    outputs = expand("results/{sample}/{name}", sample=SAMPLES, name=SAMPLE_OUTPUTS)
-    outputs += expand("results/{sample}/plots/{name}.png", sample=SAMPLES, name=SAMPLE_PLOTS)
+    """Every sample's outputs and report plots, and the run statistics (and their plot) in daemon mode; and
+    the missing intermediates of samples done before (get_missing_intermediates). For a report, only what
+    exists: the finished samples (a failed one is listed in the report, report.smk) and the statistics."""
+    samples = [sample for sample in SAMPLES if not REPORT_ONLY or sample_finished(sample)]
+    outputs = expand("results/{sample}/{name}", sample=samples, name=SAMPLE_OUTPUTS)
+    outputs += expand("results/{sample}/plots/{name}.png", sample=samples, name=SAMPLE_PLOTS)
     if DAEMON_MODE and SAMPLES:
-        outputs += ["results/run_stats.json", "results/daemons.png"]
+        stats = ["results/run_stats.json", "results/daemons.png"]
+        outputs += [path for path in stats if not REPORT_ONLY or os.path.exists(path)]
+    if MAIN_PROCESS and not REPORT_ONLY:
+        outputs += get_missing_intermediates()
     return outputs
+
+
+def sample_finished(sample):
+    """Whether a sample's outputs and report files all exist."""
+    plots = [f"results/{sample}/plots/{name}.png" for name in SAMPLE_PLOTS] + [f"results/{sample}/plots/summary.html"]
+    return all(os.path.exists(path) for path in [f"results/{sample}/{name}" for name in SAMPLE_OUTPUTS] + plots)
+
+
+def get_missing_intermediates():
+    """The missing intermediates of every sample sharded before: targets of the run, so that each, and every
+    step after it, is made again (snakemake would not: their later steps are done). A damaged one stops the
+    run before any job, with one line naming it (virnucpro.resume)."""
+    missing = []
+    for sample in SAMPLES:
+        work = f"results/{sample}/work"
+        if not os.path.isdir(f"{work}/shards"):
+            continue  # not sharded yet: snakemake makes what is missing
+        files = [(f"{work}/{name}", TABLE if name.endswith(".tsv") else FILE) for name in SAMPLE_INTERMEDIATES]
+        shards = [
+            Shard(
+                inputs=(f"{work}/shards/{shard}.fa", f"{work}/shards/{shard}.faa"),
+                embeddings=tuple(f"{work}/embeddings/{shard}.{model}.pt" for model in MODELS),
+                prediction=f"{work}/predictions/{shard}.tsv",
+            )
+            for shard in sorted(glob_wildcards(f"{work}/shards/{{shard,shard_[0-9]+}}.fa").shard)
+        ]
+        found = check_intermediates(files, shards)
+        try:
+            found.raise_if_damaged()
+        except UserError as error:
+            raise WorkflowError(f"sample '{sample}': {error}") from None
+        missing += found.missing
+    if missing:
+        logger.info(f"{len(missing)} intermediate file(s) missing, made again with what follows: {', '.join(missing)}")
+    return missing
 
 
 def get_fasta(wildcards):
