@@ -101,7 +101,8 @@ def run_sample(reads: Path, work: Path, classifier_path: Path) -> tuple[dict[str
             step("write embeddings (random vectors)", random_embeddings, inputs[model], embeddings[model],
                  TEST_WIDTH, index * 2 + seed)  # fmt: skip
         prediction = work / "predictions" / f"{name}.tsv"
-        dnabert, esm = step("classify: read embeddings", lambda: [read_embeddings(embeddings[m]) for m in inputs])
+        dnabert, esm = step("classify: read embeddings", lambda paths: [read_embeddings(p) for p in paths],
+                            [embeddings["dnabert_s"], embeddings["esm2"]])  # fmt: skip
         step("classify: merge, score, write", classify_embedded, inputs["dnabert_s"], dnabert, esm, classifier,
              prediction)  # fmt: skip
         predictions.append(prediction)
