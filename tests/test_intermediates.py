@@ -1,3 +1,4 @@
+# ruff: noqa: F811 (test_run_rules's fixtures workdir and reference are used here too)
 """Intermediates verified where they are read, and re-runs that never rest on a file that is gone (issue 17,
 cases 1, 2 and 4): the documented retry of a shard that failed under failure_policy continue; an embedding,
 prediction table or reads index that is truncated or corrupt, named in one line; a missing intermediate made
@@ -15,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import DEMO_READS, assert_same_outputs, line_with, run_workflow, shard_count, snakemake
-from test_run_rules import configure, copy_of, jobs_of
+from runs import DEMO_READS, assert_same_outputs, line_with, run_workflow, snakemake
+from test_run_rules import configure, copy_of, jobs_of, reference, workdir  # noqa: F401 (fixtures too)
 
 from virnucpro.cli import main
 from virnucpro.engines.embed import embedding_file_damage, read_embeddings, write_embeddings
@@ -65,25 +66,6 @@ def test_a_counted_table_cut_between_two_lines_is_found(tmp_path):
 
 
 # --- real runs ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def workdir(tmp_path) -> Path:
-    from runs import kill_all_in
-
-    yield tmp_path
-    kill_all_in(tmp_path)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, test_models) -> Path:
-    """An undisturbed run of the demo reads (failure_policy continue, the default)."""
-    workdir = tmp_path_factory.mktemp("undisturbed")
-    configure(workdir, test_models)
-    result = run_workflow(workdir)
-    assert result.returncode == 0, result.stdout[-10000:]
-    assert shard_count(workdir) == 6
-    return workdir
 
 
 def snapshot(folder: Path) -> dict[str, tuple]:
