@@ -45,7 +45,9 @@ class Confinement:
         link to elsewhere (as in a Hugging Face snapshot)."""
         places = {os.path.realpath(path)}
         if os.path.isdir(path):
-            places.update(os.path.realpath(file) for file in Path(path).rglob("*") if file.is_symlink())
+            for folder, folders, files in os.walk(path):  # links are not followed, only resolved
+                links = [os.path.join(folder, name) for name in folders + files]
+                places.update(os.path.realpath(link) for link in links if os.path.islink(link))
         self.never_write += sorted(places - set(self.never_write))
 
     def check(self, path: str, what: str) -> str:
