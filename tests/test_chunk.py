@@ -154,6 +154,7 @@ def test_skipped_reads_get_a_reason_in_the_reads_table_and_the_run_goes_on(tmp_p
         ["rna", "5", "1", ""],
         ["gap", "5", "0", "invalid sequence: character '-' at position 4"],
         ["ok2", "4", "1", ""],
+        ["#end", "6"],  # a counted table: its end line gives its rows
     ]
     assert [rid for rid, _ in read_fasta_text(tmp_path / "chunks.fa")] == [
         "ok1_chunk_1",
@@ -168,7 +169,7 @@ def test_an_input_without_reads_gives_empty_outputs(tmp_path):
     source.write_text("")
     assert chunk_fasta(source, 500, tmp_path / "c.fa", tmp_path / "r.tsv") == ChunkSummary(0, 0, 0)
     assert (tmp_path / "c.fa").read_text() == ""
-    assert (tmp_path / "r.tsv").read_text() == "read_id\tlength\tchunks\tskip_reason\n"
+    assert (tmp_path / "r.tsv").read_text() == "read_id\tlength\tchunks\tskip_reason\n#end\t0\n"
 
 
 def test_gzip_input_gives_the_same_output_as_plain_input(tmp_path):

@@ -85,8 +85,18 @@ TRUNCATED = {
     "ends in the quality": ("@r1\nACGTAC\n+\nIII\nII\n", ["line 5", "5 of the 6 quality letters", "truncated"]),
     "ends right after the '+' line": ("@r1\nACGT\n+\n", ["line 3", "0 of the 4 quality letters"]),
     "a header before the '+' line": ("@r1\nACGT\n@r2\nACGT\n+\nIIII\n", ["line 3", "record 1 ('r1')", "'@' header"]),
-    "quality longer than the sequence": ("@r1\nACGT\n+\nIIIII\n", ["line 4", "5 quality letters for 4"]),
-    "quality missing, next record taken as quality": ("@r1\nACGT\n+\n@r2\nACGT\n+\nIIII\n", ["line 5", "7 quality"]),
+    "quality longer than the sequence": (
+        "@r1\nACGT\n+\nIIIII\n",
+        ["line 4", "quality line has 5 letters, the sequence 4"],
+    ),
+    "quality lines longer than the sequence": (
+        "@r1\nACGTAC\n+\nIIII\nIII\n",
+        ["line 4", "quality lines have 7 letters"],
+    ),
+    "quality missing, next record taken as quality": (
+        "@r1\nACGT\n+\n@r2\nACGT\n+\nIIII\n",
+        ["record 1 ('r1'), line 4", "no quality line", "line 4, read as quality, starts with '@'"],
+    ),
     "text where a header should be": (
         "@r1\nAC\n+\nII\nACGT\n",
         ["line 5", "expected an '@' header line after record 1"],
@@ -94,6 +104,18 @@ TRUNCATED = {
     "a '+' line naming another read": ("@r1\nAC\n+r2\nII\n", ["line 3", "'+' line names 'r2'"]),
     "a header without an ID": ("@r1\nAC\n+\nII\n@ \nAC\n+\nII\n", ["record 2", "line 5", "no read ID"]),
 }
+
+
+def test_a_short_quality_line_is_named_with_its_true_length_in_its_own_record(tmp_path):
+    """The quality line of r2 has 493 letters: the next header and sequence must not be counted as quality
+    (they made the message say "993 quality letters for 500 sequence letters")."""
+    text = "".join(f"@r{n} read {n}\n{'ACGT' * 125}\n+\n{'I' * (493 if n == 2 else 500)}\n" for n in range(1, 4))
+    path = write(tmp_path / "reads.fq", text)
+    with pytest.raises(UserError) as caught:
+        records(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: record 2 ('r2'), line 8: the quality line has 493 letters, the sequence 500")
+    assert "line 9, read as quality, starts with '@'" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("case", sorted(TRUNCATED))

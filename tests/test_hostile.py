@@ -10,6 +10,7 @@ model thread blocks reading it until the test opens it. Every loop is bounded in
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -24,7 +25,18 @@ from pathlib import Path
 
 import pytest
 import zmq
-from daemon_helpers import READY_TIMEOUT, ask_json, proteins, receive_until, status, wait_for, write_proteins
+from daemon_helpers import (
+    READY_TIMEOUT,
+    ask_json,
+    fasta_ids,
+    proteins,
+    receive_until,
+    replies,
+    status,
+    wait_for,
+    write_nucleotides,
+    write_proteins,
+)
 
 from virnucpro.engines.embed import read_embeddings
 from virnucpro.serving import registry
@@ -266,7 +278,8 @@ def test_folders_swapped_for_links_while_their_shards_wait_are_not_followed(star
         assert reply["reply"] == "failed", reply
         assert "symbolic link" in reply["message"] and "refused" in reply["message"], reply
     real = Path(os.path.realpath(data.parent)) / data.name  # as the daemon resolved it
-    assert f"'{real / 'victim' / 'in.faa'}' changed while it was being opened" in swapped_input["message"]
+    # (the shard's output folder, victim/ too, is opened first: the link is found on its way)
+    assert f"'{real / 'victim'}' changed while it was being opened" in swapped_input["message"]
     assert f"'{real / 'outdir'}' changed while it was being opened" in swapped_output["message"]
     assert snapshot(outside) == before  # nothing written there
     assert not any(name.startswith("secret") for name in ids_in_embedding_files(tmp_path))  # nothing read there
@@ -328,6 +341,120 @@ def test_no_request_writes_into_the_run_folder_over_the_model_or_over_its_own_in
     }
     assert not (run_dir / "new.pt").exists() and not (run.sockets / "x.pt").exists()
     assert status(endpoint)["state"] == "ready" and daemon.process.poll() is None  # its stop file is unchanged
+
+
+def test_an_output_folder_moved_out_of_the_root_before_the_write_gets_nothing(tmp_path):
+    """The check at write time: a folder opened under the root, then moved out of it, is refused before
+    the output is created and before it is renamed into place; nothing lands where it went."""
+    from virnucpro.atomic import atomic_output
+    from virnucpro.serving.confine import Confinement
+
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "sub2").mkdir(parents=True)
+    elsewhere.mkdir()
+    confinement = Confinement([root], never_write=[tmp_path / "run"])
+    real = confinement.check(str(root / "sub2" / "huge.pt"), "output")
+    for moved_while in ("computing", "writing"):
+        with confinement.output_folder(real) as folder:
+            check = functools.partial(confinement.check_in_place, folder)
+            if moved_while == "computing":
+                os.rename(root / "sub2", elsewhere / "sub2")
+            with pytest.raises(ProtocolError, match="moved or replaced"):
+                with atomic_output(folder / "huge.pt", "wb", before_commit=check) as handle:
+                    handle.write(b"embeddings")
+                    if moved_while == "writing":
+                        os.rename(root / "sub2", elsewhere / "sub2")
+        assert list((elsewhere / "sub2").iterdir()) == [], moved_while
+        os.rename(elsewhere / "sub2", root / "sub2")
+    with confinement.output_folder(real) as folder:  # left in place: written
+        with atomic_output(folder / "huge.pt", "wb", before_commit=functools.partial(confinement.check_in_place,
+                                                                                      folder)) as handle:  # fmt: skip
+            handle.write(b"embeddings")
+    assert (root / "sub2" / "huge.pt").read_bytes() == b"embeddings"
+
+
+@pytest.mark.slow
+def test_a_folder_moved_out_of_the_root_while_its_shard_computes_fails_the_request(start_daemon, models, gate,
+                                                                                   tmp_path):  # fmt: skip
+    """Issue 17, case 6: a request for ROOT/sub2/huge.pt; while the shard is in progress, ``mv ROOT/sub2
+    /elsewhere``: the request fails, nothing is written into /elsewhere (it was written there)."""
+    root, elsewhere, run_dir = tmp_path / "root", tmp_path / "elsewhere", tmp_path / "run"
+    (root / "sub2").mkdir(parents=True)
+    elsewhere.mkdir()
+    hold = gate(root / "in.faa", proteins("moved", 5, seed=91))
+    daemon = start_daemon(run_dir, "esm2-moved", "esm2", models["esm2"], [root])
+    endpoint = daemon.wait_ready()["endpoint"]
+    requests = Requests(endpoint)
+    try:
+        assert requests.send("moved", hold.path, root / "sub2" / "huge.pt")["reply"] == "accepted"
+        wait_for(hold.waiting, 60, "the daemon started the shard (its output folder open, its input opening)")
+        os.rename(root / "sub2", elsewhere / "sub2")
+        hold.open()
+        reply = requests.final("moved")
+    finally:
+        requests.close()
+    assert reply["reply"] == "failed", reply
+    assert "moved or replaced" in reply["message"] and str(os.path.realpath(root / "sub2")) in reply["message"], reply
+    assert list((elsewhere / "sub2").iterdir()) == []
+    assert not (root / "sub2").exists()
+    assert ask_json(endpoint, {"op": "ping"})["reply"] == "pong"
+
+
+@pytest.mark.slow
+def test_a_standalone_daemon_never_writes_over_its_model_files_log_or_statistics(models, tmp_path):
+    """Issue 17, case 5: `virnucpro serve` with the default allowed root (its working directory), which holds
+    the ESM-2 checkpoint and its -contact-regression.pt companion, a DNABERT-S snapshot whose files are links
+    into a blob folder (as in a Hugging Face cache), the daemons' logs and statistics: requests that aim at any
+    of them are refused, and each file is as it was."""
+    from virnucpro.engines.esm2 import contact_regression_path
+    from virnucpro.testmodels import write_random_checkpoint
+
+    work = tmp_path / "work"
+    (work / "models").mkdir(parents=True)
+    esm2 = write_random_checkpoint(work / "models" / "esm2_t2_64_test.pt", seed=5)
+    companion = contact_regression_path(esm2)
+    snapshot, blobs = work / "models" / "DNABERT-S", work / "models" / "blobs"
+    snapshot.mkdir()
+    blobs.mkdir()
+    for file in sorted(Path(models["dnabert_s"]).iterdir()):
+        shutil.copy(file, blobs / hashlib.sha256(file.name.encode()).hexdigest())
+        (snapshot / file.name).symlink_to(Path("..") / "blobs" / hashlib.sha256(file.name.encode()).hexdigest())
+    fasta = {"esm2": write_proteins(work / "data" / "in.faa", 3, seed=93),
+             "dnabert_s": write_nucleotides(work / "data" / "in.fa", 3, seed=94)}  # fmt: skip
+    daemons, logs = {}, []
+    try:
+        for model, weights in (("esm2", esm2), ("dnabert_s", snapshot)):
+            log = work / f"{model}.log"
+            logs.append(log)
+            with open(log, "w") as handle:
+                daemons[model] = subprocess.Popen(
+                    [sys.executable, "-m", "virnucpro", "serve", "--model", model, "--weights", str(weights),
+                     "--run-dir", str(work / ".virnucpro"), "--stats-output", str(work / f"{model}.stats.json"),
+                     "--daemon-id", f"{model}-own"], cwd=work, stdout=handle, stderr=subprocess.STDOUT)  # fmt: skip
+        endpoints = {model: wait_ready(work / ".virnucpro", f"{model}-own", daemons[model])["endpoint"]
+                     for model in daemons}  # fmt: skip
+        own = {
+            "esm2": [esm2, companion],
+            "dnabert_s": [*(snapshot / file.name for file in Path(models["dnabert_s"]).iterdir()), *blobs.iterdir()],
+        }
+        for model in own:
+            (work / f"{model}.stats.json").write_text("{}")  # where the daemon will write its statistics
+            own[model] += [work / f"{model}.log", work / f"{model}.stats.json"]
+        before = {path: fingerprint_of(path) for paths in own.values() for path in paths}
+        for model, endpoint in endpoints.items():
+            for output in own[model]:
+                reply = ask_json(endpoint, {"op": "embed", "input": str(fasta[model]), "output": str(output)})
+                assert reply["reply"] == "error" and "refused" in reply["message"], (model, output, reply)
+        assert {path for path in before if path not in logs and fingerprint_of(path) != before[path]} == set()
+        for model, endpoint in endpoints.items():  # an ordinary output is still written
+            output = work / "data" / f"{model}.pt"
+            assert replies(endpoint, {"op": "embed", "input": str(fasta[model]), "output": str(output)},
+                           {"done", "failed", "error"})[-1]["reply"] == "done"  # fmt: skip
+            assert read_embeddings(output)[0] == fasta_ids(fasta[model])
+    finally:
+        for process in daemons.values():
+            process.kill()
+            process.wait()
 
 
 # --- case 5: unauthenticated TCP peers ---------------------------------------------------------------

@@ -110,18 +110,18 @@ def test_the_report_summary_keeps_the_ids_and_escapes_them_in_html(runs):
 def test_the_reads_index_round_trips_odd_ids(tmp_path):
     reads = write_reads(tmp_path / "reads.fa", ODD_IDS, coding_reads(len(ODD_IDS)))
     chunk_fasta(reads, 500, tmp_path / "chunks.fa", reads_table=tmp_path / "index.tsv")
-    rows = list(read_rows(tmp_path / "index.tsv", ("read_id", "length", "chunks", "skip_reason")))
+    rows = list(read_rows(tmp_path / "index.tsv", ("read_id", "length", "chunks", "skip_reason"), counted=True))
     assert [row["read_id"] for row in rows] == ODD_IDS
     assert {read_of(record.id) for record in read_fasta(tmp_path / "chunks.fa")} == set(ODD_IDS)
 
 
 def test_aggregate_reads_failures_of_odd_ids_and_writes_them_back_exactly(tmp_path):
     index = tmp_path / "index.tsv"
-    index.write_text('read_id\tlength\tchunks\tskip_reason\n"a\t300\t1\t\nc"\t300\t1\t\n', encoding="utf-8")
+    index.write_text('read_id\tlength\tchunks\tskip_reason\n"a\t300\t1\t\nc"\t300\t1\t\n#end\t2\n', encoding="utf-8")
     nucleotide = tmp_path / "nuc.fa"
     nucleotide.write_text('>"a_chunk_1F1\nACG\n>c"_chunk_1F1\nACG\n')
     predictions = tmp_path / "p.tsv"
-    predictions.write_text('Sequence_ID\tPrediction\tscore1\tscore2\nc"_chunk_1F1\tvirus\t0.25\t0.75\n')
+    predictions.write_text('Sequence_ID\tPrediction\tscore1\tscore2\nc"_chunk_1F1\tvirus\t0.25\t0.75\n#end\t1\n')
     manifest = tmp_path / "failures.tsv"
     append_failure(manifest, sample="s", stage="embed_esm2", shard="shard_00000", sequence_id='"a_chunk_1F1',
                    error_class="OutOfMemoryError", message="too long\tfor memory", attempts=1)  # fmt: skip

@@ -8,6 +8,7 @@ import torch
 
 from virnucpro.classify.predictions import PREDICTION_HEADER, format_score, merge_features, prediction_rows
 from virnucpro.outputs.aggregate import aggregate_sample
+from virnucpro.tables import format_end
 
 
 def test_scores_print_as_the_shortest_text_of_their_float32():
@@ -43,7 +44,7 @@ def test_a_frame_missing_from_one_embedding_is_left_out_and_named_never_shifted(
 
 
 def _table(path: Path, rows: list[str]) -> Path:
-    path.write_text(PREDICTION_HEADER + "\n" + "".join(row + "\n" for row in rows))
+    path.write_text(PREDICTION_HEADER + "\n" + "".join(row + "\n" for row in rows) + format_end(len(rows)))
     return path
 
 
@@ -57,7 +58,7 @@ def sample(tmp_path):
         "r3\t0\t0\tempty sequence",
         "b\t5000\t10\t",
     ]
-    reads.write_text("".join(row + "\n" for row in rows))
+    reads.write_text("".join(row + "\n" for row in rows) + format_end(len(rows) - 1))
     frames = ["r1_chunk_1F1", "r1_chunk_1R2", "r1_chunk_2F3", "b_chunk_2F1", "b_chunk_10R1", "b_chunk_10R3"]
     nucleotide = tmp_path / "nuc.fa"
     nucleotide.write_text("".join(f">{name}\nACGT\n" for name in frames))
@@ -83,7 +84,9 @@ def sample(tmp_path):
 
 def test_prediction_results_are_the_shard_rows_in_shard_order_under_one_header(sample):
     out, (shard0, shard1) = sample
-    expected = PREDICTION_HEADER + "\n" + "".join(p.read_text().split("\n", 1)[1] for p in (shard0, shard1))
+    expected = (
+        PREDICTION_HEADER + "\n" + "".join(p.read_text().split("\n", 1)[1].split("#end")[0] for p in (shard0, shard1))
+    )
     assert (out / "prediction_results.txt").read_text() == expected
 
 

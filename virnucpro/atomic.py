@@ -13,19 +13,26 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+Check = Callable[[], None]
+
 
 @contextmanager
-def atomic_path(path: Path, *, replace: bool = True, permissions: int = 0o644) -> Iterator[Path]:
+def atomic_path(
+    path: Path, *, replace: bool = True, permissions: int = 0o644, before_commit: Check | None = None
+) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to (for writers that take a path, e.g. ``torch.save``);
     on a clean exit it becomes ``path``. With ``replace=False`` an existing ``path`` is kept and
-    FileExistsError raised."""
+    FileExistsError raised. ``before_commit`` (if given) runs before the temporary file is made and again
+    just before it becomes ``path``; if it raises, nothing is left at ``path`` or beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if before_commit is not None:
+        before_commit()
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     temporary = Path(name)
@@ -33,6 +40,8 @@ def atomic_path(path: Path, *, replace: bool = True, permissions: int = 0o644) -
         yield temporary
         os.chmod(temporary, permissions)
         _sync(temporary)
+        if before_commit is not None:
+            before_commit()
         if replace:
             os.replace(temporary, path)
         else:
@@ -46,12 +55,14 @@ def atomic_path(path: Path, *, replace: bool = True, permissions: int = 0o644) -
 
 
 @contextmanager
-def atomic_output(path: Path, mode: str = "w", *, replace: bool = True, permissions: int = 0o644) -> Iterator[IO]:
+def atomic_output(
+    path: Path, mode: str = "w", *, replace: bool = True, permissions: int = 0o644, before_commit: Check | None = None
+) -> Iterator[IO]:
     """An open file (text ``"w"`` in UTF-8, or binary ``"wb"``) that becomes ``path`` when the block ends
-    without an error."""
+    without an error (``before_commit``: as for ``atomic_path``)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', not {mode!r}")
-    with atomic_path(path, replace=replace, permissions=permissions) as temporary:
+    with atomic_path(path, replace=replace, permissions=permissions, before_commit=before_commit) as temporary:
         encoding = "utf-8" if mode == "w" else None
         with open(temporary, mode, encoding=encoding, newline="" if mode == "w" else None) as handle:
             yield handle

@@ -4,7 +4,9 @@ FASTA records."""
 from __future__ import annotations
 
 import gzip
+import io
 import itertools
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from virnucpro.errors import UserError
 
 GZIP_MAGIC = b"\x1f\x8b"
 _BOM = "\ufeff"
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as surrogateescape decodes them
 
 
 @dataclass(frozen=True)
@@ -60,14 +63,19 @@ class _Where:
 
 
 def _text_lines(path: Path, where: _Where, kind: str) -> Iterator[tuple[int, str]]:
-    """(line number from 1, text) of a plain or gzip file; truncated or corrupt gzip data, NUL
-    bytes and text that is not UTF-8 raise UserError; a leading byte-order mark is dropped."""
+    """(line number from 1, text without its line ending) of a plain or gzip file, read as a stream.
+
+    Every line-ending convention ends a line: LF, CRLF and a lone CR (old Mac files), mixed in any way.
+    Truncated or corrupt gzip data, NUL bytes and text that is not UTF-8 raise UserError; a leading
+    byte-order mark is dropped."""
     line_no = 0
-    with _open_bytes(path) as handle:
-        lines = iter(handle)
+    # Universal newlines (newline=None) split on LF, CRLF and CR alike, also across read buffers. Bytes
+    # that are not UTF-8 become lone surrogates (surrogateescape), found below line by line.
+    with _open_bytes(path) as handle, io.TextIOWrapper(handle, "utf-8", "surrogateescape", newline=None) as text:
+        lines = iter(text)
         while True:
             try:
-                raw = next(lines)
+                line = next(lines)
             except StopIteration:
                 return
             except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
@@ -76,21 +84,19 @@ def _text_lines(path: Path, where: _Where, kind: str) -> Iterator[tuple[int, str
                     "Re-create or re-download the file."
                 ) from exc
             line_no += 1
-            if b"\0" in raw:
+            if "\0" in line:
                 raise UserError(
                     f"{where(line_no)}: binary data (NUL byte), not {kind} text. "
                     f"Give a plain or gzip-compressed {kind} file."
                 )
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
+            if not line.isascii() and _NOT_UTF8.search(line):
                 raise UserError(
                     f"{where(line_no)}: binary data (not UTF-8 text), not {kind}. "
                     f"Give a plain or gzip-compressed {kind} file."
-                ) from exc
-            if line_no == 1 and text.startswith(_BOM):
-                text = text[1:]
-            yield line_no, text
+                )
+            if line_no == 1 and line.startswith(_BOM):
+                line = line[1:]
+            yield line_no, line.rstrip("\n")
 
 
 def _header(text: str, path: Path, number: int, line_no: int, marker: str) -> tuple[str, str]:
@@ -208,7 +214,8 @@ def _parse_fastq(path: Path, lines: Iterator[tuple[int, str]], where: _Where) ->
                 f"'{description}'. Check that the file is intact FASTQ."
             )
         sequence = "".join(parts)
-        quality = 0
+        quality, quality_lines, first_quality_line = 0, 0, line_no + 1
+        header_like = None  # (quality letters, lines) before the first quality line that starts with '@'
         while quality < len(sequence):
             try:
                 line_no, text = next(lines)
@@ -218,13 +225,31 @@ def _parse_fastq(path: Path, lines: Iterator[tuple[int, str]], where: _Where) ->
                     "quality letters: the record is truncated. Re-create or re-download the "
                     "file."
                 ) from None
+            if header_like is None and text.startswith("@"):
+                header_like = (quality, quality_lines, line_no)
             quality += len("".join(text.split()))
+            quality_lines += 1
         if quality > len(sequence):
-            raise UserError(
-                f"{where(line_no)}: {quality} quality letters for {len(sequence)} sequence "
-                "letters. Check that the file is intact FASTQ."
-            )
+            raise UserError(_quality_mismatch(where(first_quality_line), quality, quality_lines, len(sequence),
+                                              header_like))  # fmt: skip
         yield FastaRecord(record_id, description, sequence, number)
+
+
+def _quality_mismatch(where: str, quality: int, lines: int, length: int, header_like: tuple | None) -> str:
+    """The message for a FASTQ record whose quality lines add up to more letters than its sequence has.
+
+    When a quality line starts with '@', the quality before it was likely short and that line the next
+    record's header: the message gives the letters before it."""
+    hint = ""
+    if header_like is not None:
+        quality, lines, line_no = header_like
+        hint = f" (line {line_no}, read as quality, starts with '@': is it the next record's header?)"
+    if lines == 0:
+        has = f"the record has no quality line (its sequence has {length} letters)"
+    else:
+        lines_have = "quality line has" if lines == 1 else "quality lines have"
+        has = f"the {lines_have} {quality} letters, the sequence {length}"
+    return f"{where}: {has}{hint}. Check that the file is intact FASTQ."
 
 
 def write_fasta_record(handle: TextIO, record_id: str, sequence: str) -> None:

@@ -70,7 +70,8 @@ def load_classifier(path: Path) -> torch.nn.Module:
     """Read a published ``.pth`` (whole module or state dict) or a ``.safetensors`` classifier; eval mode, CPU."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"classifier file not found: {path}; {_HINT}")
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise UserError(f"classifier file {what}: {path}; {_HINT}")
     if path.suffix == ".safetensors":
         state = _read_safetensors(path)
     else:

@@ -1,7 +1,8 @@
 """The per-shard prediction table (``prediction_results.txt``'s format) and the per-shard merge+classify.
 
 A prediction table is ``PREDICTION_HEADER`` then one row per classified frame: its ID, ``virus`` or
-``others``, and the two softmax scores [P(others), P(virus)] in the published text (``format_score``).
+``others``, and the two softmax scores [P(others), P(virus)] in the published text (``format_score``),
+then its end line (a counted table, ``virnucpro.tables``: the aggregation finds one cut short).
 ``classify_shard`` is what the workflow runs per shard; the one-process ``predict`` (``predict.py``) and
 the per-sample aggregation (``virnucpro.outputs.aggregate``) build on this module.
 """
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 from virnucpro.atomic import atomic_output
 from virnucpro.errors import UserError
 from virnucpro.fasta import read_fasta
+from virnucpro.tables import format_end
 
 if TYPE_CHECKING:
     import torch
@@ -92,4 +94,5 @@ def classify_embedded(nucleotide: Path, dnabert, esm, model, output: Path) -> in
     with atomic_output(Path(output)) as handle:
         handle.write(PREDICTION_HEADER + "\n")
         handle.writelines(row + "\n" for row in rows)
+        handle.write(format_end(len(rows)))
     return len(rows)

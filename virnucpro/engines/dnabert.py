@@ -156,7 +156,8 @@ def load_dnabert_s(
 
     snapshot_dir = Path(snapshot_dir)
     if not snapshot_dir.is_dir():
-        raise UserError(f"DNABERT-S snapshot folder not found: {snapshot_dir}; {FIX_HINT}")
+        what = "is a file, not the snapshot folder" if snapshot_dir.exists() else "folder not found"
+        raise UserError(f"DNABERT-S snapshot {what}: {snapshot_dir}; {FIX_HINT}")
     config_path = _required(snapshot_dir, CONFIG_FILE)
     try:
         config = read_config(config_path)

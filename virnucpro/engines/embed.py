@@ -1,18 +1,24 @@
 """Embedding a FASTA file with one model, and the embedding file format.
 
-An embedding file is a ``torch.save``d dict ``{"ids": list[str], "embeddings": float32 tensor}``,
-one row per ID in the order of the FASTA file, readable with ``torch.load(path, weights_only=True)``.
+An embedding file is a ``torch.save``d dict ``{"ids": list[str], "embeddings": float32 tensor, "crc32":
+int}``, one row per ID in the order of the FASTA file, readable with ``torch.load(path,
+weights_only=True)``. ``crc32`` is the CRC-32 of the shape, the IDs and the tensor's bytes
+(``embeddings_checksum``): torch itself reads a file whose tensor bytes were damaged without a word, so
+``read_embeddings`` checks it. A truncated file has lost the zip end record that ``torch.save`` writes last:
+``embedding_file_damage`` finds that without reading the tensors.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from virnucpro.atomic import atomic_output
+from virnucpro.atomic import Check, atomic_output
 from virnucpro.errors import UserError, environmental
 from virnucpro.fasta import read_fasta
 
@@ -75,6 +81,15 @@ def load_embedder(model: str, weights: Path, device: str = "cpu", precision: str
     return load_dnabert_s(Path(weights), device=device, dtype=dtype)
 
 
+def model_files(weights: Path) -> list[Path]:
+    """What a model is read from: a snapshot folder (DNABERT-S), or a checkpoint file and the fair-esm
+    contact-regression companion beside it (ESM-2)."""
+    from virnucpro.engines.esm2 import contact_regression_path
+
+    weights = Path(weights)
+    return [weights] if weights.is_dir() else [weights, contact_regression_path(weights)]
+
+
 def compute_device(device: str) -> str:
     """The torch device that a device setting computes on (``gpu-slot:cpu`` computes on the CPU)."""
     return "cpu" if device == GPU_SLOT_CPU else device
@@ -106,23 +121,29 @@ class EmbedSummary:
     """Out-of-memory errors met and recovered from by clearing the cache and splitting batches."""
 
 
-def embed_records(embedder: Embedder, fasta_path: Path, output: Path, *, replace: bool = True) -> EmbedSummary:
+def embed_records(
+    embedder: Embedder, fasta_path: Path, output: Path, *, replace: bool = True, before_commit: Check | None = None
+) -> EmbedSummary:
     """Embed every record of ``fasta_path`` with a loaded model and write ``output`` atomically.
 
     A sequence that cannot be embedded gets no row; it is named in the summary's ``failed``.
     With ``replace=False`` an existing ``output`` is never overwritten (FileExistsError instead).
+    ``before_commit`` runs before the output is created and just before it is put in place
+    (``virnucpro.atomic.atomic_path``): an error it raises leaves nothing written.
     """
     import torch
 
     records = list(read_fasta(Path(fasta_path)))
     ids = [record.id for record in records]
     if not records:
-        write_embeddings(Path(output), [], torch.zeros((0, embedder.dim), dtype=torch.float32), replace=replace)
+        write_embeddings(Path(output), [], torch.zeros((0, embedder.dim), dtype=torch.float32), replace=replace,
+                         before_commit=before_commit)  # fmt: skip
         return EmbedSummary(sequences=0, tokens=0)
     embedded = embedder.embed([record.sequence for record in records])
     kept = [index for index in range(len(ids)) if index not in embedded.failed]
     vectors = embedded.vectors[torch.tensor(kept, dtype=torch.long)] if embedded.failed else embedded.vectors
-    write_embeddings(Path(output), [ids[index] for index in kept], vectors, replace=replace)
+    write_embeddings(Path(output), [ids[index] for index in kept], vectors, replace=replace,
+                     before_commit=before_commit)  # fmt: skip
     return EmbedSummary(
         sequences=len(kept),
         tokens=embedded.tokens,
@@ -192,34 +213,79 @@ def write_empty_embeddings(path: Path) -> None:
     write_embeddings(path, [], torch.zeros((0, 0), dtype=torch.float32))
 
 
-def write_embeddings(path: Path, ids: list[str], vectors: torch.Tensor, *, replace: bool = True) -> None:
-    """Write an embedding file atomically (temporary file in the same folder, then rename); with
-    ``replace=False`` an existing ``path`` is kept and FileExistsError raised (never overwritten)."""
+def write_embeddings(
+    path: Path, ids: list[str], vectors: torch.Tensor, *, replace: bool = True, before_commit: Check | None = None
+) -> None:
+    """Write an embedding file atomically (temporary file in the same folder, then rename), with its
+    checksum; with ``replace=False`` an existing ``path`` is kept and FileExistsError raised (never
+    overwritten); ``before_commit``: as for ``embed_records``."""
     import torch
 
     if vectors.shape[0] != len(ids):
         raise ValueError(f"{len(ids)} IDs but {vectors.shape[0]} embedding rows")
+    vectors = vectors.detach().to("cpu", torch.float32).contiguous()
+    data = {"ids": list(ids), "embeddings": vectors, "crc32": embeddings_checksum(ids, vectors)}
     buffer = io.BytesIO()  # serialized in memory, so that a failed write is a plain OSError (e.g. no space)
-    torch.save({"ids": list(ids), "embeddings": vectors.detach().to("cpu", torch.float32).contiguous()}, buffer)
-    with atomic_output(Path(path), "wb", replace=replace) as handle:
+    torch.save(data, buffer)
+    with atomic_output(Path(path), "wb", replace=replace, before_commit=before_commit) as handle:
         handle.write(buffer.getbuffer())
 
 
-def read_embeddings(path: Path) -> tuple[list[str], torch.Tensor]:
-    """Read an embedding file without unpickling anything but tensors and plain containers."""
-    import pickle
+def embeddings_checksum(ids: list[str], vectors: torch.Tensor) -> int:
+    """The CRC-32 of an embedding file's content: its shape, its IDs and the bytes of its float32 vectors."""
+    import torch
 
+    crc = zlib.crc32(json.dumps([list(vectors.shape), ids]).encode("utf-8"))
+    return zlib.crc32(vectors.detach().to("cpu", torch.float32).contiguous().numpy().data, crc)
+
+
+def read_embeddings(path: Path) -> tuple[list[str], torch.Tensor]:
+    """Read an embedding file without unpickling anything but tensors and plain containers; a file that
+    is truncated or corrupt (its checksum does not match) raises UserError naming it."""
     import torch
 
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"{path}: embedding file not found") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise UserError(f"{path}: not a readable embedding file ({error})") from None
+    except Exception as error:  # torch says OSError (EINVAL), RuntimeError, UnpicklingError, EOFError, ...
+        if environmental(error) is not None:
+            raise
+        raise DamagedEmbeddings(path, f"{type(error).__name__}: {str(error).strip()}".split(". ")[0][:200]) from None
     if not isinstance(data, dict) or not isinstance(data.get("ids"), list) or "embeddings" not in data:
         raise UserError(f"{path}: not an embedding file (expected a dict with 'ids' and 'embeddings')")
     ids, vectors = data["ids"], data["embeddings"]
     if not isinstance(vectors, torch.Tensor) or vectors.ndim != 2 or vectors.shape[0] != len(ids):
-        raise UserError(f"{path}: 'embeddings' must be a 2-D tensor with one row per ID")
+        raise DamagedEmbeddings(path, "'embeddings' is not a 2-D tensor with one row per ID")
+    if "crc32" in data and data["crc32"] != embeddings_checksum(ids, vectors):  # (files of older versions have none)
+        raise DamagedEmbeddings(path, "its checksum does not match its content")
     return ids, vectors
+
+
+def embedding_file_damage(path: Path, *, whole: bool = False) -> str | None:
+    """Why an existing embedding file is truncated or damaged, judged from its zip structure alone (the end
+    record and the central directory, a few hundred bytes), or with ``whole`` also by reading it and
+    comparing its checksum; None if it looks whole."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        return f"not a whole zip archive: {error}"
+    if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in names):
+        return "no data.pkl in its zip archive"
+    if whole:
+        try:
+            read_embeddings(path)
+        except DamagedEmbeddings as error:
+            return error.cause
+    return None
+
+
+class DamagedEmbeddings(UserError):
+    """An embedding file that is truncated or corrupt; ``cause`` says how it shows."""
+
+    def __init__(self, path: Path, cause: str):
+        super().__init__(f"{path}: the embedding file is truncated or corrupt ({cause}); delete it and run again")
+        self.cause = cause

@@ -191,7 +191,8 @@ def load_esm2(
         raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
-        raise UserError(f"ESM-2 checkpoint not found: {checkpoint}; {_HINT}")
+        what = "is a folder, not the checkpoint file" if checkpoint.is_dir() else "not found"
+        raise UserError(f"ESM-2 checkpoint {what}: {checkpoint}; {_HINT}")
     if toks_per_batch is None:
         toks_per_batch = GPU_TOKS_PER_BATCH if torch.device(device).type == "cuda" else TOKS_PER_BATCH
     if toks_per_batch < 1:

@@ -10,7 +10,7 @@ from virnucpro.classify.predictions import PREDICTION_HEADER
 from virnucpro.errors import UserError
 from virnucpro.fasta import read_fasta
 from virnucpro.prep.chunk import READS_TABLE_COLUMNS
-from virnucpro.tables import format_row, read_rows, split_row
+from virnucpro.tables import end_count, format_row, read_rows, split_row, truncated
 
 READS_COLUMNS = (
     "read_id",
@@ -150,7 +150,7 @@ def _chunks_by_read(chunks: dict[str, _ChunkScores]) -> dict[str, list[_ChunkSco
 def _read_reads_table(path: Path) -> dict[str, tuple[int, int, str]]:
     what = "reads table (written by 'virnucpro chunk --reads-table')"
     reads: dict[str, tuple[int, int, str]] = {}
-    for number, row in enumerate(read_rows(path, READS_TABLE_COLUMNS, what=what), start=2):
+    for number, row in enumerate(read_rows(path, READS_TABLE_COLUMNS, what=what, counted=True), start=2):
         try:
             reads[row["read_id"]] = (int(row["length"]), int(row["chunks"]), row["skip_reason"])
         except ValueError:
@@ -159,18 +159,33 @@ def _read_reads_table(path: Path) -> dict[str, tuple[int, int, str]]:
 
 
 def _prediction_lines(path: Path):
-    """Yield (frame ID, line, P(others), P(virus)) of a per-shard prediction table."""
+    """Yield (frame ID, line, P(others), P(virus)) of a per-shard prediction table (a counted table)."""
     import numpy as np
 
-    with open(path, encoding="utf-8") as handle:
+    what = "prediction table"
+    with open(path, encoding="utf-8", newline="") as handle:
         header = handle.readline().rstrip("\n")
         if header != PREDICTION_HEADER:
             raise UserError(f"{path}: not a prediction table (first line should be '{PREDICTION_HEADER}')")
+        rows, end = 0, None
         for number, line in enumerate(handle, start=2):
             fields = split_row(line)
-            if len(fields) != 4:
-                raise UserError(f"{path}: line {number}: expected 4 tab-separated fields")
-            yield fields[0], line, float(np.float32(fields[2])), float(np.float32(fields[3]))
+            if end is not None or not line.endswith("\n"):
+                raise truncated(path, what)
+            if (end := end_count(fields)) is not None:
+                continue
+            try:
+                if len(fields) != 4:
+                    raise ValueError("expected 4 tab-separated fields")
+                others, virus = float(np.float32(fields[2])), float(np.float32(fields[3]))
+            except ValueError as error:
+                raise UserError(
+                    f"{path}: line {number}: {error}; the {what} is corrupt: delete it and run again"
+                ) from None
+            rows += 1
+            yield fields[0], line, others, virus
+        if end != rows:
+            raise truncated(path, what)
 
 
 def _sample_failures(manifest: Path | None, sample: str) -> list[dict[str, str]]:

@@ -15,6 +15,7 @@ import heapq
 import html
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -209,6 +210,29 @@ def _read_failures(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         raise UserError(f"{path}: failures table not found")
     return read_failures(path)
+
+
+def why_unfinished(logs: Iterable[Path]) -> str:
+    """Why a sample has no outputs, from the logs of its jobs: the last error line of the most recently
+    written log that has one (``virnucpro CMD: error: ...``, or the last line of a traceback), with that
+    log's path; or that no job of it failed."""
+    found = []
+    for log in logs:
+        try:
+            lines = Path(log).read_text(encoding="utf-8", errors="replace").splitlines()
+            written = Path(log).stat().st_mtime_ns
+        except OSError:
+            continue
+        errors = [line.strip() for line in lines if _ERROR_LINE.match(line)]
+        if errors:
+            found.append((written, str(log), errors[-1]))
+    if not found:
+        return "not finished: no job of it failed (was the run stopped, or not run for it yet?)"
+    _, log, line = max(found)
+    return f"{line} (in {log})"
+
+
+_ERROR_LINE = re.compile(r"virnucpro [a-z-]+: error: |[A-Za-z_.]*(Error|Exception): ")  # ours, or a traceback's end
 
 
 # --- the files ------------------------------------------------------------------------------------

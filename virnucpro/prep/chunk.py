@@ -10,7 +10,7 @@ from pathlib import Path
 from virnucpro.atomic import atomic_output
 from virnucpro.errors import UserError
 from virnucpro.fasta import read_reads, write_fasta_record
-from virnucpro.tables import format_row
+from virnucpro.tables import format_end, format_row
 
 EXPECTED_LENGTHS = (300, 500)
 READS_TABLE_COLUMNS = ("read_id", "length", "chunks", "skip_reason")
@@ -66,7 +66,8 @@ def skip_reason(sequence: str) -> str:
 def chunk_fasta(
     input_path: Path, expected_length: int, output_path: Path, reads_table: Path | None = None
 ) -> ChunkSummary:
-    """Write the chunks `{read_id}_chunk_{k}` of every valid read, and optionally a per-read table.
+    """Write the chunks `{read_id}_chunk_{k}` of every valid read, and optionally a per-read table (the
+    reads index: a counted table, ``virnucpro.tables``).
 
     Empty reads and reads with non-IUPAC letters are skipped with a reason in the table;
     duplicate read IDs and unreadable input raise UserError and leave no output.
@@ -104,4 +105,6 @@ def chunk_fasta(
                 chunks += count
             if table:
                 table.write(format_row((record.id, len(record.sequence), count, reason)))
+        if table:
+            table.write(format_end(reads))
     return ChunkSummary(reads=reads, chunks=chunks, skipped=skipped)

@@ -29,7 +29,26 @@ class Confinement:
 
     def __init__(self, roots: list[Path | str], never_write: list[Path | str]):
         self.roots = [os.path.realpath(root) for root in roots]
-        self.never_write = [os.path.realpath(path) for path in never_write]
+        self.never_write: list[str] = []
+        self._open_folders: dict[str, tuple[str, int]] = {}  # descriptor path -> (real path, descriptor)
+        for path in never_write:
+            self.protect(path)
+        for descriptor in (1, 2):  # the daemon's log, when its output goes to a file
+            try:
+                if stat.S_ISREG(os.fstat(descriptor).st_mode):
+                    self.protect(os.readlink(f"/proc/self/fd/{descriptor}"))
+            except OSError:
+                continue
+
+    def protect(self, path: Path | str) -> None:
+        """Never write ``path``: a file, or a folder and every file below it, also where such a file is a
+        link to elsewhere (as in a Hugging Face snapshot)."""
+        places = {os.path.realpath(path)}
+        if os.path.isdir(path):
+            for folder, folders, files in os.walk(path):  # links are not followed, only resolved
+                links = [os.path.join(folder, name) for name in folders + files]
+                places.update(os.path.realpath(link) for link in links if os.path.islink(link))
+        self.never_write += sorted(places - set(self.never_write))
 
     def check(self, path: str, what: str) -> str:
         """The resolved path of a request's file, if it may be used: absolute, under a root, and for an
@@ -40,7 +59,8 @@ class Confinement:
         if self._root_of(real) is None:
             raise ProtocolError(f"{what} path '{short(path)}' is outside the allowed roots ({', '.join(self.roots)})")
         if what == "output" and any(_under(real, place) for place in self.never_write):
-            raise ProtocolError(f"output path '{short(path)}' is in the run folder or the model files: refused")
+            raise ProtocolError(f"output path '{short(path)}' is in the run folder, the model files or the daemon's "
+                                "log or statistics: refused")  # fmt: skip
         return real
 
     @contextmanager
@@ -58,11 +78,29 @@ class Confinement:
     def output_folder(self, real: str) -> Iterator[Path]:
         """A path of the folder that will hold the output ``real``, as it was found under its root; its
         files are created and renamed through it."""
-        descriptor = self._open_beneath(os.path.dirname(real), directory=True)
+        folder = os.path.dirname(real)
+        descriptor = self._open_beneath(folder, directory=True)
+        path = Path(f"/proc/self/fd/{descriptor}")
+        self._open_folders[str(path)] = (folder, descriptor)
         try:
-            yield Path(f"/proc/self/fd/{descriptor}")
+            yield path
         finally:
+            del self._open_folders[str(path)]
             os.close(descriptor)
+
+    def check_in_place(self, folder: Path) -> None:
+        """ProtocolError unless the open output ``folder`` (from ``output_folder``) is still the folder of its
+        checked path: not moved, renamed or replaced since it was opened (and so still under its root)."""
+        real, descriptor = self._open_folders[str(folder)]
+        opened = os.fstat(descriptor)
+        try:
+            now = os.stat(real, follow_symlinks=False)
+            where = os.readlink(folder)
+        except OSError:
+            now, where = None, "elsewhere"
+        if now is None or (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino) or where != real:
+            raise ProtocolError(f"output folder '{short(real, PATH_LIMIT)}' was moved or replaced while the shard "
+                                f"was computed: refused, nothing written there")  # fmt: skip
 
     def _root_of(self, real: str) -> str | None:
         return next((root for root in self.roots if _under(real, root)), None)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import zmq
 
+from virnucpro.engines.embed import model_files
 from virnucpro.errors import UserError
 from virnucpro.fingerprint import model_fingerprint
 from virnucpro.serving import registry, timing, transport
@@ -51,7 +52,7 @@ class Daemon:
     def __init__(self, spec: DaemonSpec, run: RunDir):
         self.spec, self.rundir = spec, run
         self.model, self.device, self.daemon_id = spec.model, spec.device, spec.daemon_id
-        self.confinement = Confinement(list(spec.allowed_roots), never_write=[run.root, spec.weights])
+        self.confinement = Confinement(list(spec.allowed_roots), never_write=[run.root, *model_files(spec.weights)])
         self.fingerprint = model_fingerprint(spec.weights)
         self.stops = StopTokens((spec.stop_file,)) if spec.stop_file is not None else run.stop_tokens(spec.model)
         self.stop_file_checked = self.last_heartbeat = self.last_refresh = time.monotonic()
@@ -382,6 +383,7 @@ def serve(spec: DaemonSpec, run_dir: Path, stats_output: Path) -> None:
     _raise_descriptor_limit()
     _wait_for_predecessor(run, spec.daemon_id, spec.drain_grace + timing.KILL_GRACE)
     daemon = Daemon(spec, run)
+    daemon.confinement.protect(stats_output)
 
     def on_signal(number: int, _frame) -> None:
         log.info("daemon %s: %s received: finishing the current shard (at most %.0f s), then exiting",

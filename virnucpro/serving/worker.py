@@ -12,6 +12,7 @@ it can be driven and tested on its own. What it promises (docs/daemons.md):
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -175,13 +176,15 @@ class Worker:
             names: dict[str, str] = {}  # descriptor paths -> the files' names, for messages
             try:
                 with (
-                    self.confinement.open_input(job.input) as source,
                     self.confinement.output_folder(job.output) as folder,
+                    self.confinement.open_input(job.input) as source,
                 ):
                     target = folder / os.path.basename(job.output)
                     replace = job.replace  # decided when asked: an output that appears meanwhile is kept
                     names.update({str(source): job.input, str(folder): os.path.dirname(job.output)})
-                    summary = embed_records(embedder, source, target, replace=replace)
+                    # the folder moved out of its root meanwhile: fail, write nothing there
+                    in_place = functools.partial(self.confinement.check_in_place, folder)
+                    summary = embed_records(embedder, source, target, replace=replace, before_commit=in_place)
             except FileExistsError:
                 log.info("daemon %s: shard %s was written by another daemon meanwhile; keeping that file",
                          self.daemon_id, job.label)  # fmt: skip

@@ -6,6 +6,7 @@ import functools
 import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -18,6 +19,7 @@ from virnucpro.engines.embed import GPU_SLOT_CPU, MODELS
 from virnucpro.errors import UserError
 from virnucpro.fingerprint import model_fingerprint
 from virnucpro.layout import RunFiles
+from virnucpro.resume import FILE, TABLE, Shard, check_intermediates
 from virnucpro.serving.plan import SnakemakePlan, models_with_work
 from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir
 from virnucpro.serving.runwatch import RunWatch, new_session
@@ -35,10 +37,12 @@ SAMPLE_OUTPUTS = (
     "failures.tsv",
 )
 SAMPLE_PLOTS = ("scores", "verdicts", "failures")  # results/{sample}/plots/*.png, in the report
-MODEL_HINTS = {
-    "esm2": "the ESM-2 checkpoint esm2_t36_3B_UR50D.pt (with its -contact-regression.pt beside it)",
-    "dnabert_s": "the DNABERT-S snapshot folder",
-    "classifier": "the classifier 300_model.pth or 500_model.pth",
+# results/{sample}/work/*: what a sample's shards were made from, and what its tables are made from
+SAMPLE_INTERMEDIATES = ("chunked.fa", "reads_index.tsv", "identified_nucleotide.fa", "identified_protein.faa")
+MODEL_HINTS = {  # what each model path must be: a file or a folder, and which
+    "esm2": ("file", "the ESM-2 checkpoint esm2_t36_3B_UR50D.pt (with its -contact-regression.pt beside it)"),
+    "dnabert_s": ("folder", "the DNABERT-S snapshot folder"),
+    "classifier": ("file", "the classifier 300_model.pth or 500_model.pth"),
 }
 
 
@@ -62,25 +66,31 @@ def validate_config(config):
 
 
 def read_sample_sheet(path):
-    """Sample name -> FASTA path from a TSV with the header 'sample<TAB>fasta'."""
+    """Sample name -> FASTA path from a TSV with the header 'sample<TAB>fasta' (UTF-8, a byte-order mark
+    ignored; lines may end in LF, CRLF or a lone CR)."""
     sheet = Path(path)
     if not sheet.is_file():
         raise WorkflowError(f"config key 'sample_sheet': file not found: {sheet}")
     samples = {}
-    with sheet.open(newline="") as handle:
+    with sheet.open(encoding="utf-8-sig", newline="") as handle:
         rows = csv.reader(handle, delimiter="\t")
-        header = next(rows, None)
-        if header is None or [field.strip() for field in header[:2]] != ["sample", "fasta"]:
-            raise WorkflowError(f"sample sheet {sheet}: the first line must be the header 'sample<TAB>fasta'")
-        for line, row in enumerate(rows, start=2):
-            if not any(field.strip() for field in row):
-                continue
-            if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                raise WorkflowError(f"sample sheet {sheet}, line {line}: expected 'sample<TAB>fasta'")
-            name, fasta = row[0].strip(), row[1].strip()
-            if name in samples:
-                raise WorkflowError(f"sample sheet {sheet}, line {line}: sample '{name}' is listed twice")
-            samples[name] = str(sheet.parent / fasta) if not os.path.isabs(fasta) else fasta
+        try:
+            header = next(rows, None)
+            if header is None or [field.strip() for field in header[:2]] != ["sample", "fasta"]:
+                raise WorkflowError(f"sample sheet {sheet}: the first line must be the header 'sample<TAB>fasta'")
+            for row in rows:
+                if not any(field.strip() for field in row):
+                    continue
+                if len(row) < 2 or not row[0].strip() or not row[1].strip():
+                    raise WorkflowError(f"sample sheet {sheet}, line {rows.line_num}: expected 'sample<TAB>fasta'")
+                name, fasta = row[0].strip(), row[1].strip()
+                if name in samples:
+                    raise WorkflowError(f"sample sheet {sheet}, line {rows.line_num}: sample '{name}' is listed twice")
+                samples[name] = str(sheet.parent / fasta) if not os.path.isabs(fasta) else fasta
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise WorkflowError(
+                f"sample sheet {sheet}: not tab-separated UTF-8 text ({error}); save it as plain text"
+            ) from None
     return samples
 
 
@@ -111,8 +121,9 @@ def load_samples(config):
 
 
 def check_models(config):
-    """Every model path exists; warn when the classifier's file name names the other length."""
-    for key, hint in MODEL_HINTS.items():
+    """Every model path exists and is what it must be (a file or a folder); warn when the classifier's file
+    name names the other length."""
+    for key, (kind, hint) in MODEL_HINTS.items():
         path = config["models"][key]
         if not os.path.exists(path):
             raise WorkflowError(
@@ -120,6 +131,9 @@ def check_models(config):
                 "download), or for a trial run use small test models: virnucpro make-test-models DIR "
                 "writes them and lists their paths in DIR/models.json"
             )
+        found = "folder" if os.path.isdir(path) else "file"
+        if found != kind:
+            raise WorkflowError(f"config key 'models.{key}': {path} is a {found}, but it must be a {kind}: {hint}")
     named = re.findall(r"(?<![0-9])(300|500)(?![0-9])", os.path.basename(config["models"]["classifier"]))
     if named and int(named[0]) != config["length"]:
         logger.warning(
@@ -152,6 +166,13 @@ RUN_DIR = str(RUN.root)
 # With a cluster executor the embedding clients run where snakemake runs (localrules, Snakefile).
 LOCAL_CLIENTS = DAEMON_MODE and config["cluster_local_clients"]
 MAIN_PROCESS = not (workflow.remote_exec or workflow.subprocess_exec)  # not a job's own snakemake
+# `snakemake --report FILE` (not --report-after-run) renders what earlier runs made: the finished samples,
+# and why the others are not (report.smk). Snakemake tells a workflow no more than its command line.
+REPORT_ONLY = (
+    MAIN_PROCESS
+    and any(arg == "--report" or arg.startswith("--report=") for arg in sys.argv)
+    and "--report-after-run" not in sys.argv
+)
 
 
 def is_gpu(device):
@@ -179,18 +200,59 @@ def check_progress():
         )
 
 
-def get_sample_outputs():
-    """Every sample's tables."""
-    return expand("results/{sample}/{name}", sample=SAMPLES, name=SAMPLE_OUTPUTS)
+def get_sample_outputs(samples=None):
+    """The tables of these samples (default: every sample)."""
+    return expand("results/{sample}/{name}", sample=SAMPLES if samples is None else samples, name=SAMPLE_OUTPUTS)
 
 
 def get_final_outputs():
-    """Every sample's outputs and report plots, and the run statistics (and their plot) in daemon mode."""
-    outputs = get_sample_outputs()
-    outputs += expand("results/{sample}/plots/{name}.png", sample=SAMPLES, name=SAMPLE_PLOTS)
+    """Every sample's outputs and report plots, and the run statistics (and their plot) in daemon mode; and
+    the missing intermediates of samples done before (get_missing_intermediates). For a report, only what
+    exists: the finished samples (a failed one is listed in the report, report.smk) and the statistics."""
+    samples = [sample for sample in SAMPLES if not REPORT_ONLY or sample_finished(sample)]
+    outputs = get_sample_outputs(samples)
+    outputs += expand("results/{sample}/plots/{name}.png", sample=samples, name=SAMPLE_PLOTS)
     if DAEMON_MODE and SAMPLES:
-        outputs += ["results/run_stats.json", "results/daemons.png"]
+        stats = ["results/run_stats.json", "results/daemons.png"]
+        outputs += [path for path in stats if not REPORT_ONLY or os.path.exists(path)]
+    if MAIN_PROCESS and not REPORT_ONLY:
+        outputs += get_missing_intermediates()
     return outputs
+
+
+def sample_finished(sample):
+    """Whether a sample's outputs and report files all exist."""
+    plots = [f"results/{sample}/plots/{name}.png" for name in SAMPLE_PLOTS] + [f"results/{sample}/plots/summary.html"]
+    return all(os.path.exists(path) for path in [f"results/{sample}/{name}" for name in SAMPLE_OUTPUTS] + plots)
+
+
+def get_missing_intermediates():
+    """The missing intermediates of every sample sharded before: targets of the run, so that each, and every
+    step after it, is made again (snakemake would not: their later steps are done). A damaged one stops the
+    run before any job, with one line naming it (virnucpro.resume)."""
+    missing = []
+    for sample in SAMPLES:
+        work = f"results/{sample}/work"
+        if not os.path.isdir(f"{work}/shards"):
+            continue  # not sharded yet: snakemake makes what is missing
+        files = [(f"{work}/{name}", TABLE if name.endswith(".tsv") else FILE) for name in SAMPLE_INTERMEDIATES]
+        shards = [
+            Shard(
+                inputs=(f"{work}/shards/{shard}.fa", f"{work}/shards/{shard}.faa"),
+                embeddings=tuple(f"{work}/embeddings/{shard}.{model}.pt" for model in MODELS),
+                prediction=f"{work}/predictions/{shard}.tsv",
+            )
+            for shard in sorted(glob_wildcards(f"{work}/shards/{{shard,shard_[0-9]+}}.fa").shard)
+        ]
+        found = check_intermediates(files, shards)
+        try:
+            found.raise_if_damaged()
+        except UserError as error:
+            raise WorkflowError(f"sample '{sample}': {error}") from None
+        missing += found.missing
+    if missing:
+        logger.info(f"{len(missing)} intermediate file(s) missing, made again with what follows: {', '.join(missing)}")
+    return missing
 
 
 def get_fasta(wildcards):

@@ -1,7 +1,26 @@
 # What the Snakemake report shows (snakemake --report report.html, after a run): per sample, a summary
 # page (counts, verdicts, top-scoring reads, a capped preview of reads.tsv, failures) and plots of the
 # score distribution, the verdicts and the failures; per run, the daemons' throughput and load times.
-# Never the per-read tables themselves: the report's size does not grow with the reads.
+# Never the per-read tables themselves: the report's size does not grow with the reads. A report made
+# after a run with failed samples (--keep-going) shows the finished ones and lists the others with why.
+
+import glob
+
+from virnucpro.outputs.report import why_unfinished
+
+
+report: "../report/workflow.rst"
+
+
+if REPORT_ONLY:
+    # The samples without outputs, and why (the last error their jobs logged), for workflow.rst.
+    config["_report_unfinished_samples"] = {
+        sample: why_unfinished(glob.glob(f"logs/*/{sample}.log") + glob.glob(f"logs/*/{sample}/*.log"))
+        .replace("``", "` `")
+        .strip()
+        for sample in SAMPLES
+        if not sample_finished(sample)
+    }
 
 
 rule plot_sample:
