@@ -22,6 +22,7 @@ from pathlib import Path
 import zmq
 
 from virnucpro.engines.embed import canonical_model_name
+from virnucpro.engines.esm2_options import parse_engine
 from virnucpro.errors import UserError
 from virnucpro.fingerprint import model_fingerprint
 from virnucpro.serving import registry, transport
@@ -57,8 +58,10 @@ DAEMON_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 class Daemon:
     def __init__(self, *, model: str, weights: Path, device: str, precision: str, run: RunDir, daemon_id: str,
                  roots: list[Path], idle_timeout: float, cache_clear_every: int, stop_file: Path,
-                 max_queue: int, drain_grace: float, transport: str, bind_host: str):  # fmt: skip
+                 max_queue: int, drain_grace: float, transport: str, bind_host: str,
+                 esm2_engine: str = "default"):  # fmt: skip
         self.model, self.weights, self.device, self.precision = model, Path(weights), device, precision
+        self.esm2_engine = esm2_engine
         self.rundir, self.daemon_id = run, daemon_id
         self.confinement = Confinement(roots, never_write=[run.root, self.weights])
         self.fingerprint = model_fingerprint(self.weights)
@@ -141,7 +144,8 @@ class Daemon:
         events.connect(self.events_endpoint)
         self.worker = Worker(model=self.model, weights=self.weights, device=self.device, precision=self.precision,
                              daemon_id=self.daemon_id, run=self.rundir, confinement=self.confinement,
-                             cache_clear_every=self.cache_clear_every, post=events.send_json)  # fmt: skip
+                             cache_clear_every=self.cache_clear_every, post=events.send_json,
+                             esm2_engine=self.esm2_engine)  # fmt: skip
 
         def work() -> None:
             try:
@@ -400,6 +404,7 @@ def serve(
     drain_grace: float = DRAIN_GRACE_SECONDS,
     transport: str = "ipc",
     bind_host: str = "*",
+    esm2_engine: str = "default",
 ) -> None:
     """Run a daemon for one model until stopped (a ``stop`` message, or the stop file changed: by default
     the run folder's), idle or signalled; write its statistics to ``stats_output``."""
@@ -410,6 +415,7 @@ def serve(
         raise UserError(f"daemon id '{daemon_id}': use letters, digits, '.', '_' and '-' only (at most 128)")
     if transport not in TRANSPORTS:
         raise UserError(f"unknown transport '{transport}': choose ipc or tcp")
+    parse_engine(esm2_engine)  # a wrong setting is refused before anything starts
     if max_queue < 1 or drain_grace < 0:
         raise UserError("--max-queue must be at least 1 and --drain-grace at least 0")
     if not Path(weights).exists():
@@ -421,7 +427,7 @@ def serve(
         model=model, weights=weights, device=device, precision=precision, run=run, daemon_id=daemon_id,
         roots=list(allowed_roots), idle_timeout=idle_timeout,
         cache_clear_every=cache_clear_every, stop_file=stop_file or run.stop_file, max_queue=max_queue,
-        drain_grace=drain_grace, transport=transport, bind_host=bind_host,
+        drain_grace=drain_grace, transport=transport, bind_host=bind_host, esm2_engine=esm2_engine,
     )  # fmt: skip
 
     def on_signal(number: int, _frame) -> None:

@@ -262,7 +262,7 @@ def serve_job(run_dir: Path, daemon_id: str, stats_output: Path, allowed_roots: 
         "--precision", daemon["precision"], "--run-dir", str(run.root), "--stats-output", str(stats_output),
         "--daemon-id", daemon_id, "--idle-timeout", "0", "--cache-clear-every", str(daemon["cache_clear_every"]),
         "--drain-grace", str(drain_grace), "--transport", daemon["transport"],
-        "--bind-host", daemon.get("bind_host", "*"),
+        "--bind-host", daemon.get("bind_host", "*"), "--esm2-engine", daemon.get("esm2_engine", "default"),
     ]  # fmt: skip
     for root in allowed_roots:
         serve_args += ["--allowed-root", str(root)]

@@ -55,8 +55,10 @@ class Worker:
     """Owns the model; ``run`` (in its own thread) loads it, then takes jobs until ``close``."""
 
     def __init__(self, *, model: str, weights: Path, device: str, precision: str, daemon_id: str, run: RunDir,
-                 confinement: Confinement, cache_clear_every: int, post: Callable[[dict], None]):  # fmt: skip
+                 confinement: Confinement, cache_clear_every: int, post: Callable[[dict], None],
+                 esm2_engine: str = "default"):  # fmt: skip
         self.model, self.weights, self.device, self.precision = model, Path(weights), device, precision
+        self.esm2_engine = esm2_engine
         self.daemon_id, self.rundir, self.confinement = daemon_id, run, confinement
         self.cache_clear_every = max(1, cache_clear_every)
         self.post = post
@@ -96,7 +98,8 @@ class Worker:
 
         started = time.monotonic()
         try:
-            embedder = load_embedder(self.model, self.weights, device=self.device, precision=self.precision)
+            embedder = load_embedder(self.model, self.weights, device=self.device, precision=self.precision,
+                                     esm2_engine=self.esm2_engine)  # fmt: skip
         except Exception as error:
             if not isinstance(error, UserError):
                 log.exception("daemon %s: loading failed", self.daemon_id)

@@ -14,6 +14,8 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 from virnucpro.engines.embed import GPU_SLOT_CPU, MODELS
+from virnucpro.engines.esm2_options import parse_engine
+from virnucpro.errors import UserError
 from virnucpro.fingerprint import model_fingerprint
 from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir
 from virnucpro.serving.supervise import RunWatch, clear_stale_outputs, new_session
@@ -53,6 +55,10 @@ def validate_config(config):
         where = ".".join(str(part) for part in cause.absolute_path)
         key = f"config key '{where}'" if where else "config"
         raise WorkflowError(f"{key}: {cause.message} (see config/README.md)") from None
+    try:
+        parse_engine(config["esm2_engine"])
+    except UserError as error:
+        raise WorkflowError(f"config key 'esm2_engine': {error} (see config/README.md)") from None
 
 
 def read_sample_sheet(path):
@@ -224,7 +230,8 @@ def get_daemon_settings():
     return {
         daemon: {
             "model": spec["model"], "weights": os.path.abspath(config["models"][spec["model"]]),
-            "device": spec["device"], "precision": config["precision"], "transport": transport,
+            "device": spec["device"], "precision": config["precision"], "esm2_engine": config["esm2_engine"],
+            "transport": transport,
             "cache_clear_every": config["cache_clear_every"], "orphan_timeout": config["orphan_timeout"],
             "freeze_timeout": config["freeze_timeout"], "bind_host": config["bind_host"],
         }
