@@ -19,6 +19,10 @@ model with a representations-only forward), equal to fair-esm's own in fp32 to f
 ``attention="fair-esm"`` runs fair-esm's forward instead. Proteins are tokenized as fair-esm's
 alphabet does, one-letter tokens by table lookup (fair-esm's tokenizer took 1 ms per protein).
 
+How the engine batches and computes is chosen by ``engine`` (``virnucpro.engines.esm2_options``: packed
+batches on variable-length attention, fused q/k/v, compiled layers, CUDA graphs, overlapped copies);
+the default is the engine described here, and every choice gives its vectors to float rounding.
+
 Long proteins are handled as the published VirNucPro does (see docs/models.md): the whole protein
 goes through the model (no ``truncation_seq_length``; fair-esm's extract.py would cut it to 1022
 residues), and the vector is the mean over residues 1 .. min(1024, len).
@@ -54,6 +58,8 @@ GPU_TOKS_PER_BATCH = 16384
 ATTENTION = ("sdpa", "fair-esm")
 ROTARY_FREQUENCIES = "rot_emb.inv_freq"
 """The name ending of each layer's rotary frequencies (a buffer: not a trained weight, fp32 in fair-esm)."""
+WARM_UP = ("MKVLAAGIIGLW" * 3, "ACDEFGHIKLMNPQRSTVWY" * 4)
+"""Two proteins of other lengths embedded when the layer is compiled (two, so that no size is 1)."""
 ALPHABET = "ESM-1b"
 """fair-esm's name of the alphabet (token table) that ESM-2 uses: ``esm.data.Alphabet.from_architecture(ALPHABET)``."""
 
@@ -109,8 +115,7 @@ class Esm2Embedder:
         if not options.is_default and not isinstance(model, SdpaESM2):
             raise ValueError(f"the ESM-2 engine setting '{options}' needs attention='sdpa'")
         if isinstance(model, SdpaESM2):
-            model.configure(fused_qkv=options.fused_qkv, compile_regions=options.compile,
-                            static_shapes=options.bucketed)  # fmt: skip
+            model.configure(fused_qkv=options.fused_qkv, compile_regions=options.compile)
         self.options, self.packed_forward = options, None
         if options.packed:
             attention = model.layers[0].self_attn
@@ -125,6 +130,8 @@ class Esm2Embedder:
             log.info("ESM-2 engine %s (torch %s): %s", options, torch.__version__, how)
         elif not options.is_default:
             log.info("ESM-2 engine %s (torch %s)", options, torch.__version__)
+        if options.compile:  # compiled now, at load, rather than in the first shard (dynamic shapes: once)
+            self.embed(list(WARM_UP))
 
     def encode(self, sequence: str) -> list[int]:
         """The protein's token ids without ``<cls>``/``<eos>``, as fair-esm's ``alphabet.encode`` gives them."""

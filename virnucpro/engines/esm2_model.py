@@ -74,8 +74,8 @@ class Regions:
 
 
 COMPILED_SHAPES = 64
-"""How many shapes each compiled region may be compiled for (torch's default of 8 is below the buckets
-of a packed run); past it a shape runs uncompiled."""
+"""How many graphs each compiled region may hold (torch's default is 8; dtypes, the projection choice and
+sizes 0/1, which dynamic shapes specialise, each add one); past it a region runs uncompiled."""
 
 
 class SdpaESM2(ESM2):
@@ -103,9 +103,9 @@ class SdpaESM2(ESM2):
             layer.self_attn.register_buffer("qkv_weight", weight, persistent=False)
             layer.self_attn.register_buffer("qkv_bias", bias, persistent=False)
 
-    def configure(self, *, fused_qkv: bool, compile_regions: bool, static_shapes: bool) -> None:
-        """Choose the q/k/v projection and plain or compiled regions (``static_shapes``: compile for each shape,
-        as bucketed packed batches repeat them; else let torch make the shapes dynamic)."""
+    def configure(self, *, fused_qkv: bool, compile_regions: bool) -> None:
+        """Choose the q/k/v projection, and plain or compiled regions (compiled with dynamic shapes: one graph
+        per region serves every batch shape, and every layer)."""
         if fused_qkv and not hasattr(self.layers[0].self_attn, "qkv_weight"):
             raise ValueError("fused_qkv needs the concatenated weights (attach_fused_qkv)")
         self.fused_qkv = fused_qkv
@@ -114,10 +114,7 @@ class SdpaESM2(ESM2):
             return
         dynamo_config = torch._dynamo.config
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILED_SHAPES)
-        dynamic = False if static_shapes else None
-        self.regions = Regions(
-            torch.compile(attention_inputs, dynamic=dynamic), torch.compile(layer_output, dynamic=dynamic)
-        )
+        self.regions = Regions(torch.compile(attention_inputs, dynamic=True), torch.compile(layer_output, dynamic=True))
 
     def forward(
         self,

@@ -11,10 +11,11 @@ names the techniques to turn on, comma-separated, or ``all`` of them:
   copies of each batch made for the attention alone (the CPU, fp32);
 - ``device-mean``: the padded path's mean reduced in fp32 straight from the model's dtype, without an
   fp32 copy of the padded representations (the packed path always averages on the device this way);
-- ``compile``: ``torch.compile`` of the layer's parts (regional: one graph for all layers; with
-  ``packed`` the token counts are bucketed so that shapes repeat);
-- ``cuda-graphs``: with ``packed`` on CUDA, one CUDA graph per bucket of the whole forward pass (on
-  the CPU only the bucketing applies);
+- ``compile``: ``torch.compile`` of the layer's two parts around the attention (regional: one graph
+  for all layers, compiled with dynamic shapes so that batch shapes do not recompile);
+- ``cuda-graphs``: with ``packed``, the batches bucketed (tokens, proteins and the longest protein
+  padded up to powers of two) and, on CUDA, one CUDA graph of the whole forward per bucket (on the
+  CPU only the bucketing applies);
 - ``overlap``: the next batch tokenized (into pinned memory) by a background thread while the device
   computes, copies to the device and the vectors back to the host on a side stream.
 
@@ -50,8 +51,8 @@ class EngineOptions:
 
     @property
     def bucketed(self) -> bool:
-        """Whether packed batches are padded up to fixed shapes (what compiled graphs and CUDA graphs reuse)."""
-        return self.packed and (self.compile or self.cuda_graphs)
+        """Whether packed batches are padded up to fixed shapes (what CUDA graphs are recorded for)."""
+        return self.packed and self.cuda_graphs
 
     def __str__(self) -> str:
         on = [_name(field.name) for field in fields(self) if getattr(self, field.name)]

@@ -14,8 +14,8 @@ packed. ``packed_means`` averages on the device: the kept rows are laid out [S, 
 model's dtype and reduced in fp32 as the padded path reduces them (a sequential sum, e.g. a product
 with a 0/1 selection, is 3x less accurate over 1,024 rows); no fp32 copy of anything padded.
 
-Bucketed batches (``bucket_budget``) have fixed shapes so that compiled code and CUDA graphs can be
-reused: the tokens are padded up to a power of two (or the budget) with padding segments of their own,
+Bucketed batches (``bucket_budget``) have few distinct shapes, so that a CUDA graph recorded for one
+shape serves many batches: the tokens are padded up to a power of two (or the budget) with padding segments of their own,
 the segment count up to a power of two with empty segments, the longest segment up to a power of two.
 ``GraphedForward`` records one CUDA graph per such shape.
 """
@@ -269,19 +269,29 @@ class GraphedForward:
     A new shape is run twice on a side stream (warm-up: compilation, workspace allocation), then recorded
     with static copies of the batch's tensors; later batches of that shape are copied into those and the
     graph replayed. The result is a fresh tensor (the graph's own output is overwritten by the next replay).
-    After ``GRAPHS`` shapes, other shapes run without a graph.
+    After ``GRAPHS`` shapes, other shapes run without a graph, as does a shape whose recording fails.
     """
 
     def __init__(self, forward: Callable[[PackedBatch], torch.Tensor]) -> None:
         self.forward = forward
-        self.graphs: dict[tuple[int, ...], tuple[PackedBatch, Any, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, ...], tuple[PackedBatch, Any, torch.Tensor] | None] = {}
 
     def __call__(self, batch: PackedBatch) -> torch.Tensor:
-        entry = self.graphs.get(batch.shape_key)
-        if entry is None:
+        key = batch.shape_key
+        if key not in self.graphs:
             if len(self.graphs) >= GRAPHS:
                 return self.forward(batch)
-            entry = self.graphs[batch.shape_key] = self._record(batch)
+            try:
+                self.graphs[key] = self._record(batch)
+            except RuntimeError as error:  # e.g. a kernel that cannot be captured: this shape runs without a graph
+                if isinstance(error, torch.cuda.OutOfMemoryError):
+                    raise
+                log.warning("ESM-2: no CUDA graph for packed batches of shape %s (%s); they run without one",
+                            key, str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)  # fmt: skip
+                self.graphs[key] = None
+        entry = self.graphs[key]
+        if entry is None:
+            return self.forward(batch)
         static, graph, output = entry
         for name, tensor in static.tensors().items():
             tensor.copy_(getattr(batch, name), non_blocking=True)
