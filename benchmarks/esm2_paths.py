@@ -49,25 +49,28 @@ def esm2_tflops(proteins: list[str], seconds: float, layers: int, width: int) ->
     return _common.esm2_flops([len(p) + 2 for p in proteins], layers, width) / seconds / 1e12
 
 
-def run_path(embedder, setting: str, proteins: list[str], device: str) -> tuple:
-    """Switch ``embedder`` to ``setting``, run it once untimed (warm-up), then timed: (vectors, seconds, warm-up s)."""
+def run_path(embedder, setting: str, proteins: list[str], device: str, repeats: int = 1) -> tuple:
+    """Switch ``embedder`` to ``setting``, run it once untimed (warm-up), then ``repeats`` times timed:
+    (vectors, best seconds, warm-up seconds, every timed seconds)."""
     embedder.set_options(setting)
     _, warm_s = timed(partial(embedder.embed, proteins), device)
-    embedded, seconds = timed(partial(embedder.embed, proteins), device)
-    return embedded.vectors, seconds, warm_s
+    runs = [timed(partial(embedder.embed, proteins), device) for _ in range(repeats)]
+    every = [seconds for _, seconds in runs]
+    return runs[0][0].vectors, min(every), warm_s, every
 
 
 def ablation(embedder, proteins: list[str], rows, precision: str, shape, device: str, peak: float, rate: float,
-             keep: int) -> tuple[list[dict], dict]:  # fmt: skip
-    """One timed pass per row; the figures and each row's first ``keep`` vectors (for the drift)."""
+             keep: int, repeats: int = 1) -> tuple[list[dict], dict]:  # fmt: skip
+    """``repeats`` timed passes per row (the best counts); the figures and each row's first ``keep`` vectors."""
     layers, width, _ = shape
     tokens = sum(len(p) + 2 for p in proteins)
     figures, vectors = [], {}
     for label, setting in rows:
-        kept, seconds, warm_s = run_path(embedder, setting, proteins, device)
+        kept, seconds, warm_s, every = run_path(embedder, setting, proteins, device, repeats)
         tflops = esm2_tflops(proteins, seconds, layers, width)
         figures.append({"path": label, "setting": setting, "precision": precision, "budget": embedder.toks_per_batch,
                         "sequences": len(proteins), "tokens": tokens, "seconds": seconds, "warm_up_s": warm_s,
+                        "every_s": every,
                         "tokens_per_s": tokens / seconds, "tflops": tflops, "of_peak": tflops / peak,
                         "of_matmul": tflops * 1e3 / rate})  # fmt: skip
         vectors[(precision, label)] = kept[:keep]
@@ -135,6 +138,27 @@ def mixed_proteins(tokens: int, seed: int = 11, shortest: int = 40, longest: int
     return proteins
 
 
+def batch_padding(proteins: list[str], budget: int) -> dict:
+    """Tokens the batches hold against the real ones: today's padded batches (fair-esm's batching) and the
+    packed ones bucketed as for CUDA graphs (unbucketed packed batches hold exactly the real tokens)."""
+    from esm.data import FastaBatchedDataset
+
+    from virnucpro.engines.esm2_packed import packed_batches, token_bucket
+
+    real = sum(len(p) + 2 for p in proteins)
+    dataset = FastaBatchedDataset([str(i) for i in range(len(proteins))], proteins)
+    padded = sum(len(batch) * (max(len(proteins[i]) for i in batch) + 2)
+                 for batch in dataset.get_batch_indices(budget, extra_toks_per_seq=1))  # fmt: skip
+    bucketed = sum(token_bucket(sum(len(proteins[i]) + 2 for i in batch), budget)
+                   for batch in packed_batches([len(p) for p in proteins], budget))  # fmt: skip
+    return {
+        "budget": budget,
+        "real_tokens": real,
+        "padded_extra": padded / real - 1,
+        "bucketed_extra": bucketed / real - 1,
+    }
+
+
 def drift_rows(vectors: dict, reference, dnabert, classifier) -> list[dict]:
     """Each kept row's drift against ``reference`` (today's fp32 vectors of the same proteins), and the labels
     that change: the classifier on [DNABERT-S fp32 | vectors] against [DNABERT-S fp32 | reference]."""
@@ -180,7 +204,7 @@ def sharing(embedder, setting: str, proteins: list[str], snapshot: Path, slices:
     import multiprocessing
 
     tokens = sum(len(p) + 2 for p in proteins)
-    _, alone, _ = run_path(embedder, setting, proteins, device)
+    _, alone, _, _ = run_path(embedder, setting, proteins, device)
     context = multiprocessing.get_context("spawn")
     ready, stop, results = context.Event(), context.Event(), context.Queue()
     worker = context.Process(target=_dnabert_in_a_loop, args=(snapshot, slices, device, ready, stop, results))
@@ -210,6 +234,10 @@ def print_tables(results: dict) -> None:
     for name, split in results.get("profile", {}).items():
         shares = ", ".join(f"{key} {split['share'][key]:.1%}" for key in CATEGORIES)
         print(f"profile {name} ({split['setting']}, {split['tokens']} tokens, {split['wall_ms']:.1f} ms): {shares}")
+    for lengths, padding in results.get("padding", {}).items():
+        print(f"batches of {lengths} at {padding['budget']} tokens: today's padded batches hold "
+              f"{padding['padded_extra']:+.1%} tokens over the real ones, bucketed packed ones "
+              f"{padding['bucketed_extra']:+.1%}, packed ones +0%")  # fmt: skip
     for row in results.get("mixed", []):
         print(f"mixed {row['lengths']:<14} {row['path']:<8} {row['sequences']:>5} proteins {row['tokens_per_s']:>10,.0f} "
               f"tokens/s {row['tflops']:7.1f} TFLOP/s")  # fmt: skip

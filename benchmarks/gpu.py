@@ -152,7 +152,8 @@ def precision_block(run: Run, checkpoint: Path, proteins: list[str], data: dict,
 
     def ablation() -> None:
         figures, kept = esm2_paths.ablation(embedder, proteins[: plan["ablation_frames"]], esm2_paths.ABLATION,
-                                            precision, shape, device, peak, rate, plan["fp32_ablation_frames"])  # fmt: skip
+                                            precision, shape, device, peak, rate, plan["fp32_ablation_frames"],
+                                            plan["repeats"])  # fmt: skip
         results.setdefault("ablation", []).extend(figures)
         run.kept_vectors.update(kept)
 
@@ -166,8 +167,9 @@ def precision_block(run: Run, checkpoint: Path, proteins: list[str], data: dict,
         varied = esm2_paths.mixed_proteins(sum(len(p) + 2 for p in uniform))
         rows = results["mixed"] = []
         for lengths, sample in (("uniform 166 aa", uniform), ("40-2,000 aa", varied)):
+            results.setdefault("padding", {})[lengths] = esm2_paths.batch_padding(sample, embedder.toks_per_batch)
             for label, setting in esm2_paths.MIXED:
-                _, seconds, _ = esm2_paths.run_path(embedder, setting, sample, device)
+                _, seconds, _, _ = esm2_paths.run_path(embedder, setting, sample, device, plan["repeats"])
                 tokens = sum(len(p) + 2 for p in sample)
                 rows.append({"lengths": lengths, "path": label, "setting": setting, "precision": precision,
                              "sequences": len(sample), "tokens": tokens, "seconds": seconds,
@@ -234,7 +236,8 @@ def fp32_ablation(run: Run, ours, proteins: list[str], plan: dict, device: str, 
 
     ours.toks_per_batch = GPU_TOKS_PER_BATCH
     figures, kept = esm2_paths.ablation(ours, proteins[: plan["fp32_ablation_frames"]], esm2_paths.FP32_ABLATION,
-                                        "fp32", plan["esm"], device, peak, rate, plan["fp32_ablation_frames"])  # fmt: skip
+                                        "fp32", plan["esm"], device, peak, rate, plan["fp32_ablation_frames"],
+                                        plan["repeats"])  # fmt: skip
     run.results.setdefault("ablation", []).extend(figures)
     run.kept_vectors.update(kept)
 
@@ -415,6 +418,7 @@ def main() -> int:
     parser.add_argument(
         "--ablation-frames", type=int, help="frames per ablation row, fp32 too (default: 600, fp32 200)"
     )
+    parser.add_argument("--repeats", type=int, default=1, help="timed passes per ablation/mixed row, the best counts")
     parser.add_argument("--esm-shape", help="ESM-2 layers,width,heads instead of the plan's (e.g. 6,320,20)")
     parser.add_argument(
         "--daemon-engine", default="default", help="the ESM-2 daemon's --esm2-engine (default: default)"
@@ -435,6 +439,7 @@ def main() -> int:
     plan = dict(TINY if args.tiny else REAL)
     if args.esm_shape:
         plan["esm"] = tuple(int(part) for part in args.esm_shape.split(","))
+    plan["repeats"] = args.repeats
     if args.ablation_frames:
         plan["ablation_frames"] = plan["fp32_ablation_frames"] = args.ablation_frames
     started = time.perf_counter()

@@ -244,8 +244,8 @@ def choose_attention(device: torch.device, dtype: torch.dtype, heads: int, head_
         return padded_attention, f"attention on padded copies (torch {torch.__version__} has no variable-length kernel)"
     kernel, name = entry
 
-    def attend(q, k, v, batch, scale):
-        return kernel(q, k, v, batch.cu_seqlens, batch.max_len)
+    def attend(q, k, v, batch, scale):  # v of the fused projection is a strided view: made contiguous
+        return kernel(q.contiguous(), k.contiguous(), v.contiguous(), batch.cu_seqlens, batch.max_len)
 
     try:
         trial = pack([[5] * 3, [6] * 7, [7] * 20], [3, 7, 20], {"cls": 0, "eos": 2, "padding": 1, "mask": 32})
