@@ -233,7 +233,7 @@ def figures_file(explicit: Path | None, name: str) -> Path | None:
 
 
 def workflow_config(sample: str, reads: Path, models: dict[str, Path], devices: list[str], shard_size: int,
-                    precision: str = "fp32", mode: str = "daemon") -> dict:  # fmt: skip
+                    precision: str = "fp32", mode: str = "daemon", esm2_engine: str = "default") -> dict:  # fmt: skip
     """A workflow config for one sample, both models' daemons on ``devices``."""
     return {
         "samples": {sample: str(reads)},
@@ -243,6 +243,7 @@ def workflow_config(sample: str, reads: Path, models: dict[str, Path], devices: 
         "daemons": {"esm2": list(devices), "dnabert_s": list(devices)},
         "shard_size": shard_size,
         "precision": precision,
+        "esm2_engine": esm2_engine,
         "idle_timeout": 300,
     }
 
@@ -281,7 +282,8 @@ def run_workflow(workdir: Path, config: dict, cores: int) -> dict:
 
 
 def start_daemon(model: str, weights: Path, run_dir: Path, daemon_id: str, root: Path, log: Path,
-                 extra_env: dict[str, str] | None = None, device: str = "cpu", precision: str = "fp32"):  # fmt: skip
+                 extra_env: dict[str, str] | None = None, device: str = "cpu", precision: str = "fp32",
+                 esm2_engine: str = "default"):  # fmt: skip
     """Start ``virnucpro serve`` for ``model`` (a subprocess); its stderr goes to ``log``."""
     import subprocess
 
@@ -289,7 +291,7 @@ def start_daemon(model: str, weights: Path, run_dir: Path, daemon_id: str, root:
         sys.executable, "-m", "virnucpro", "serve", "--model", model, "--weights", str(weights),
         "--device", device, "--precision", precision, "--run-dir", str(run_dir),
         "--stats-output", str(run_dir / f"{daemon_id}.stats.json"), "--daemon-id", daemon_id,
-        "--idle-timeout", "600", "--allowed-root", str(root),
+        "--idle-timeout", "600", "--allowed-root", str(root), "--esm2-engine", esm2_engine,
     ]  # fmt: skip
     log.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(command, stderr=open(log, "w"), env=dict(bench_env(), **(extra_env or {})))

@@ -1,26 +1,41 @@
-"""Benchmark: the GPU path, all figures in one run (prepared for one short call on an H200).
+"""Benchmark: the GPU path, all figures in one run (prepared for one short call on an H100/H200).
 
 Without a CUDA GPU it prints "no GPU" and exits 0, unless ``--tiny``: then the same code runs on the
-CPU with small shapes (to check the script, not to measure anything).
+CPU with small shapes (to check the script, not to measure anything). Sections (``--sections``, all
+by default) run in this order; each prints its seconds and the figures so far are written after each
+(``--json``, or ``$OUT/gpu.json``), so a run cut short keeps them; a section that fails is recorded
+under ``errors`` and the next one runs.
 
-1. ESM-2 with the esm2_t36_3B_UR50D shapes (36 layers, 2560 wide, 40 heads), random weights written
-   tensor by tensor in fp16 in the published layout (esm2_t36_3B_UR50D.pt, 5.7 GB, to ``--dir``), loaded
-   with ``virnucpro.engines.esm2.load_esm2``: tokens/s in bf16 and fp16 at several token budgets per batch,
-   as TFLOP/s and as a fraction of the card's dense bf16/fp16 peak (``--peak-tflops``, default 989 for
-   an H100/H200 SXM) and of the bf16 8192x8192 matrix-product rate measured here. FLOPs per protein of
-   T tokens (<cls> and <eos> included): 36 x (24 x 2560^2 x T + 4 x T^2 x 2560), padding not counted.
-   Against the published approach in fp32 (fair-esm's own forward, fair-esm's batching of 2048 tokens,
-   the batch's representations copied to the host and averaged there, as fair-esm's extract.py does)
-   and ours in fp32 (the same batching, then our GPU default). Drift of bf16 and fp16 against fp32.
-2. DNABERT-S with the real 117M shapes (12 layers, 768 wide, 12 heads, 3072 intermediate), random
-   weights: batched (ours, fp32 and bf16) against one sequence at a time (the published loop, with our
-   encoder, fp32); tokens/s and the ratio; drift of bf16 against fp32.
-3. The whole daemon on a realistic shard: 10,000 frames of generated 500-nt reads, chunked,
-   translated and sharded with the package; one ESM-2 and one DNABERT-S daemon (``virnucpro serve``,
-   bf16, on the GPU), the shard sent to both at once with the client; request-to-reply seconds, the
-   daemons' own tokens/s and load seconds.
+ESM-2 has the esm2_t36_3B_UR50D shapes (36 layers, 2560 wide, 40 heads; ``--esm-shape`` changes them),
+random weights written tensor by tensor in fp16 in the published layout (esm2_t36_3B_UR50D.pt, 5.7 GB,
+to ``--dir``), loaded with ``virnucpro.engines.esm2.load_esm2``, once per precision; the frames come from
+10,000 generated 500-nt reads (166 aa). FLOPs per protein of T tokens (<cls> and <eos> included):
+36 x (24 x 2560^2 x T + 4 x T^2 x 2560), padding not counted; TFLOP/s are given as a share of the card's
+dense bf16/fp16 peak (``--peak-tflops``, 989 for an H100/H200 SXM) and of the bf16 8192x8192
+matrix-product rate measured here.
 
-    .venv/bin/python -m benchmarks.gpu [--dir /tmp/virnucpro-gpu] [--json results.json]
+In bf16, then fp16:
+- ``budgets``: today's engine at token budgets 2,048 / 8,192 / 16,384 / 32,768 on 2,000 frames;
+- ``ablation``: on 600 frames at the GPU default budget, today's engine, each engine path alone
+  (fused-qkv, packed, device-mean, compile, overlap, packed + cuda-graphs) and all together
+  (``benchmarks.esm2_paths``); each path's first pass is not timed;
+- (the first precision, bf16) ``profile``: torch.profiler's split of one full batch (matrix products, attention,
+  element-wise/normalisation, copies each way, device idle), today's engine and all paths;
+  ``mixed``: 40-2,000-aa proteins against uniform 166-aa frames (same tokens), today / packed / all;
+  ``sharing``: the fastest path's tokens/s alone and with a DNABERT-S process embedding beside it.
+Then:
+- ``fp32``: on 500 frames the published approach (fair-esm's forward and batching of 2,048 tokens,
+  representations copied to the host and averaged there, as its extract.py) against ours at 2,048
+  tokens and at the GPU default; then the fp32 ablation (today / packed / all, 200 frames);
+- ``drift``: every ablation row's vectors on those 200 frames against today's fp32 ones (max relative
+  L2, min cosine) and the labels that change on a random classifier of width 768 + 2560 fed
+  [DNABERT-S fp32 | ESM-2]; the older drift of bf16/fp16 against fp32 (500 frames) too;
+- ``dnabert``: DNABERT-S with the real 117M shapes (12 layers, 768 wide, 12 heads, 3072 intermediate),
+  random weights: batched (ours, fp32 and bf16) against one sequence at a time (the published loop);
+- ``daemons``: one 10,000-frame shard sent at once to an ESM-2 and a DNABERT-S daemon (``virnucpro
+  serve``, bf16, ``--daemon-engine`` for ESM-2): request-to-reply seconds, tokens/s, load seconds.
+
+    .venv/bin/python -m benchmarks.gpu [--dir /tmp/virnucpro-gpu] [--json results.json] [--sections ...]
     .venv/bin/python -m benchmarks.gpu --tiny          # the same code on the CPU, small shapes
 """
 
@@ -31,24 +46,23 @@ import shutil
 import sys
 import threading
 import time
+import traceback
 from functools import partial
 from pathlib import Path
 
-from benchmarks import _common
+from benchmarks import _common, esm2_paths
+from benchmarks.esm2_paths import timed
 from virnucpro.atomic import write_json
 
 REAL = {"esm": (36, 2560, 40), "dnabert": (12, 768, 12, 3072), "frames": 10000, "engine_frames": 2000,
-        "fp32_frames": 500, "one_at_a_time": 500, "budgets": (2048, 8192, 16384, 32768)}  # fmt: skip
-TINY = {"esm": (4, 64, 4), "dnabert": (2, 64, 4, 128), "frames": 200, "engine_frames": 100,
-        "fp32_frames": 40, "one_at_a_time": 40, "budgets": (2048, 16384)}  # fmt: skip
-
-
-def timed(function, device: str):
-    _common.synchronize(device)
-    started = time.perf_counter()
-    result = function()
-    _common.synchronize(device)
-    return result, time.perf_counter() - started
+        "ablation_frames": 600, "fp32_frames": 500, "fp32_ablation_frames": 200, "one_at_a_time": 500,
+        "budgets": (2048, 8192, 16384, 32768)}  # fmt: skip
+TINY = {"esm": (4, 64, 4), "dnabert": (2, 64, 4, 128), "frames": 200, "engine_frames": 60,
+        "ablation_frames": 30, "fp32_frames": 24, "fp32_ablation_frames": 16, "one_at_a_time": 40,
+        "budgets": (2048, 16384)}  # fmt: skip
+SECTIONS = ("budgets", "ablation", "profile", "mixed", "sharing", "fp32", "drift", "dnabert", "daemons")
+"""In the order they run: bf16 (budgets, ablation, profile, mixed, sharing), fp16 (budgets, ablation), fp32
+(published against ours, the fp32 ablation), the drift of every path, DNABERT-S, the daemons."""
 
 
 def drift(vectors, reference) -> dict:
@@ -70,74 +84,179 @@ def free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def esm_section(checkpoint: Path, proteins: list[str], shape, plan: dict, device: str, peak: float,
-                rate: float, compile_model: bool) -> dict:  # fmt: skip
+class Run:
+    """One benchmark run: where it writes, what it measured so far, the sections asked for."""
 
+    def __init__(self, results: dict, target: Path | None, sections: set[str], started: float,
+                 time_limit: float) -> None:  # fmt: skip
+        self.results, self.target, self.sections, self.started = results, target, sections, started
+        self.time_limit = time_limit
+        self.kept_vectors: dict = {}
+        """(precision, path) -> the first fp32_ablation_frames vectors of that ablation row (for the drift)."""
+
+    def section(self, name: str, function, precision: str = "") -> None:
+        """Run section ``name`` (of ``precision``) if asked for; an error is recorded and the next section runs
+        (the figures so far are written either way, so that a run cut short or failing somewhere keeps them)."""
+        if name not in self.sections:
+            return
+        label = f"{precision} {name}".strip()
+        if time.perf_counter() - self.started > self.time_limit:
+            print(f"{label}: skipped (past --time-limit)", flush=True)
+            self.results.setdefault("skipped", []).append(label)
+            return
+        started = time.perf_counter()
+        print(f"{label} ...", flush=True)
+        try:
+            function()
+        except Exception as error:  # a path that fails on this machine must not cost the other figures
+            traceback.print_exc()
+            self.results.setdefault("errors", {})[label] = f"{type(error).__name__}: {error}"
+        self.results.setdefault("section_s", {})[label] = time.perf_counter() - started
+        print(f"{label}: {time.perf_counter() - started:.0f} s (total {time.perf_counter() - self.started:.0f} s)",
+              flush=True)  # fmt: skip
+        if self.target:
+            write_json(self.target, self.results)
+
+
+def precision_block(run: Run, checkpoint: Path, proteins: list[str], data: dict, plan: dict, device: str,
+                    peak: float, rate: float, precision: str, first: bool) -> None:  # fmt: skip
+    """One precision on one loaded model: token budgets, the ablation, and (the ``first`` precision) profile,
+    mixed lengths, sharing."""
     from virnucpro.engines.embed import torch_dtype
-    from virnucpro.engines.esm2 import GPU_TOKS_PER_BATCH, load_esm2
+    from virnucpro.engines.esm2 import load_esm2
 
+    results, shape = run.results, plan["esm"]
     layers, width, _ = shape
-    out: dict = {"throughput": [], "drift": {}}
-
-    def flops_of(sequences):
-        return _common.esm2_flops([len(p) + 2 for p in sequences], layers, width)
-
     chosen = proteins[: plan["engine_frames"]]
-    small = proteins[: plan["fp32_frames"]]
-    vectors_small = {}
-    for precision in ("bf16", "fp16"):
-        dtype = torch_dtype(precision)
-        embedder, load_s = timed(partial(load_esm2, checkpoint, device=device, dtype=dtype), device)
-        embedder.embed(chosen[:64])  # warm-up
+    embedder, load_s = timed(partial(load_esm2, checkpoint, device=device, dtype=torch_dtype(precision)), device)
+    default_budget = embedder.toks_per_batch
+    embedder.embed(chosen[:64])  # warm-up
+    esm2 = results.setdefault("esm2", {"throughput": [], "drift": {}})
+
+    def budgets() -> None:
+        tokens = sum(len(p) + 2 for p in chosen)
         for budget in plan["budgets"]:
             embedder.toks_per_batch = budget
             _, seconds = timed(partial(embedder.embed, chosen), device)
-            tokens = sum(len(p) + 2 for p in chosen)
-            tflops = flops_of(chosen) / seconds / 1e12
-            out["throughput"].append({"model": "esm2", "method": "ours", "precision": precision, "budget": budget,
-                                      "sequences": len(chosen), "tokens": tokens, "seconds": seconds,
-                                      "tokens_per_s": tokens / seconds, "tflops": tflops, "of_peak": tflops / peak,
-                                      "of_matmul": tflops * 1e3 / rate, "load_s": load_s})  # fmt: skip
+            tflops = esm2_paths.esm2_tflops(chosen, seconds, layers, width)
+            esm2["throughput"].append({"model": "esm2", "method": "ours", "precision": precision, "budget": budget,
+                                       "sequences": len(chosen), "tokens": tokens, "seconds": seconds,
+                                       "tokens_per_s": tokens / seconds, "tflops": tflops, "of_peak": tflops / peak,
+                                       "of_matmul": tflops * 1e3 / rate, "load_s": load_s})  # fmt: skip
             print(f"  esm2 ours {precision} budget {budget}: {tokens / seconds:,.0f} tokens/s, {tflops:.1f} TFLOP/s",
                   flush=True)  # fmt: skip
-        vectors_small[precision] = embedder.embed(small).vectors
-        if compile_model and precision == "bf16":
-            compiled = load_esm2(checkpoint, device=device, dtype=dtype, compile_model=True)
-            _, warm_s = timed(partial(compiled.embed, chosen[:64]), device)
-            _, seconds = timed(partial(compiled.embed, chosen), device)
-            tokens = sum(len(p) + 2 for p in chosen)
-            out["throughput"].append({"model": "esm2", "method": "ours, torch.compile", "precision": precision,
-                                      "budget": compiled.toks_per_batch, "sequences": len(chosen), "tokens": tokens,
-                                      "seconds": seconds, "tokens_per_s": tokens / seconds,
-                                      "tflops": flops_of(chosen) / seconds / 1e12, "compile_warm_up_s": warm_s})  # fmt: skip
-            del compiled
-        del embedder
-        free(device)
+        embedder.toks_per_batch = default_budget
+        run.kept_vectors[(precision, "today, published batching")] = embedder.embed(
+            proteins[: plan["fp32_frames"]]
+        ).vectors
 
-    # fp32: the published approach (fair-esm's forward and batching, host-side means) against ours
+    def ablation() -> None:
+        figures, kept = esm2_paths.ablation(embedder, proteins[: plan["ablation_frames"]], esm2_paths.ABLATION,
+                                            precision, shape, device, peak, rate, plan["fp32_ablation_frames"],
+                                            plan["repeats"])  # fmt: skip
+        results.setdefault("ablation", []).extend(figures)
+        run.kept_vectors.update(kept)
+
+    def profile() -> None:
+        batch = esm2_paths.one_batch(proteins, embedder.toks_per_batch)
+        results["profile"] = {name: esm2_paths.profile_split(embedder, setting, batch, device)
+                              for name, setting in (("before (today)", "default"), ("after (all)", "all"))}  # fmt: skip
+
+    def mixed() -> None:
+        uniform = proteins[: plan["ablation_frames"]]
+        varied = esm2_paths.mixed_proteins(sum(len(p) + 2 for p in uniform))
+        rows = results["mixed"] = []
+        for lengths, sample in (("uniform 166 aa", uniform), ("40-2,000 aa", varied)):
+            results.setdefault("padding", {})[lengths] = esm2_paths.batch_padding(sample, embedder.toks_per_batch)
+            for label, setting in esm2_paths.MIXED:
+                _, seconds, _, _ = esm2_paths.run_path(embedder, setting, sample, device, plan["repeats"])
+                tokens = sum(len(p) + 2 for p in sample)
+                rows.append({"lengths": lengths, "path": label, "setting": setting, "precision": precision,
+                             "sequences": len(sample), "tokens": tokens, "seconds": seconds,
+                             "tokens_per_s": tokens / seconds,
+                             "tflops": esm2_paths.esm2_tflops(sample, seconds, layers, width)})  # fmt: skip
+        embedder.set_options("default")
+
+    def share() -> None:
+        best = max((row for row in results.get("ablation", []) if row["precision"] == precision),
+                   key=lambda row: row["tokens_per_s"], default={"setting": "all"})  # fmt: skip
+        results["sharing"] = esm2_paths.sharing(embedder, best["setting"], proteins[: plan["ablation_frames"]],
+                                                data["snapshot"], data["slices"], device)  # fmt: skip
+
+    run.section("budgets", budgets, precision)
+    run.section("ablation", ablation, precision)
+    if first:
+        run.section("profile", profile, precision)
+        run.section("mixed", mixed, precision)
+        run.section("sharing", share, precision)
+
+
+def fp32(run: Run, checkpoint: Path, proteins: list[str], plan: dict, device: str, peak: float, rate: float) -> None:
+    """fp32 (our model loaded once): the published approach against ours (``fp32``), the fp32 ablation."""
+    from virnucpro.engines.esm2 import load_esm2
+
+    ours = load_esm2(checkpoint, device=device)
+    run.section("fp32", lambda: published_against_ours(run, checkpoint, ours, proteins, plan, device))
+    run.section("ablation", lambda: fp32_ablation(run, ours, proteins, plan, device, peak, rate), "fp32")
+
+
+def published_against_ours(run: Run, checkpoint: Path, ours, proteins: list[str], plan: dict, device: str) -> None:
+    """The published approach (fair-esm's forward, batching and host-side means) against ours, 2,048 tokens
+    and the GPU default; and the drift of ours against it, and of bf16/fp16 against ours."""
+    from virnucpro.engines.esm2 import GPU_TOKS_PER_BATCH, load_esm2
+
+    layers, width, _ = plan["esm"]
+    small = proteins[: plan["fp32_frames"]]
+    esm2 = run.results.setdefault("esm2", {"throughput": [], "drift": {}})
     fair = load_esm2(checkpoint, device=device, attention="fair-esm", toks_per_batch=2048)
     published_loop(fair.model, fair.alphabet, small[:16], device)  # warm-up
     published_vectors, published_s = timed(partial(published_loop, fair.model, fair.alphabet, small, device), device)
-    fair = None  # free it before loading ours
+    fair = None
     free(device)
-    ours = load_esm2(checkpoint, device=device, toks_per_batch=2048)
+    ours.toks_per_batch = 2048
     ours.embed(small[:16])
     tokens = sum(len(p) + 2 for p in small)
-    fp32 = {"published (fair-esm, 2048)": published_s}
-    ours_vectors, fp32["ours (2048)"] = timed(lambda: ours.embed(small).vectors, device)
+    seconds_by_method = {"published (fair-esm, 2048)": published_s}
+    ours_vectors, seconds_by_method["ours (2048)"] = timed(lambda: ours.embed(small).vectors, device)
     ours.toks_per_batch = GPU_TOKS_PER_BATCH
-    _, fp32[f"ours ({ours.toks_per_batch})"] = timed(lambda: ours.embed(small), device)
-    for method, seconds in fp32.items():
-        tflops = flops_of(small) / seconds / 1e12
-        out["throughput"].append({"model": "esm2", "method": method, "precision": "fp32", "sequences": len(small),
-                                  "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-                                  "tflops": tflops, "x_published": published_s / seconds})  # fmt: skip
-    out["drift"]["ours fp32 vs published fp32"] = drift(ours_vectors, published_vectors)
-    for precision, vectors in vectors_small.items():
-        out["drift"][f"{precision} vs fp32"] = drift(vectors, ours_vectors)
-    ours = None
-    free(device)
-    return out
+    _, seconds_by_method[f"ours ({ours.toks_per_batch})"] = timed(lambda: ours.embed(small), device)
+    for method, seconds in seconds_by_method.items():
+        tflops = esm2_paths.esm2_tflops(small, seconds, layers, width)
+        esm2["throughput"].append({"model": "esm2", "method": method, "precision": "fp32", "sequences": len(small),
+                                   "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                                   "tflops": tflops, "x_published": published_s / seconds})  # fmt: skip
+    esm2["drift"]["ours fp32 vs published fp32"] = drift(ours_vectors, published_vectors)
+    for (precision, label), vectors in run.kept_vectors.items():
+        if label == "today, published batching":
+            esm2["drift"][f"{precision} vs fp32"] = drift(vectors, ours_vectors)
+
+
+def fp32_ablation(run: Run, ours, proteins: list[str], plan: dict, device: str, peak: float, rate: float) -> None:
+    from virnucpro.engines.esm2 import GPU_TOKS_PER_BATCH
+
+    ours.toks_per_batch = GPU_TOKS_PER_BATCH
+    figures, kept = esm2_paths.ablation(ours, proteins[: plan["fp32_ablation_frames"]], esm2_paths.FP32_ABLATION,
+                                        "fp32", plan["esm"], device, peak, rate, plan["fp32_ablation_frames"],
+                                        plan["repeats"])  # fmt: skip
+    run.results.setdefault("ablation", []).extend(figures)
+    run.kept_vectors.update(kept)
+
+
+def path_drift(run: Run, data: dict, plan: dict, device: str) -> None:
+    """Every kept ablation row against today's fp32 vectors; labels on a classifier of the matching width."""
+    from virnucpro.classify.classifier import load_classifier
+    from virnucpro.engines.dnabert import load_dnabert_s
+    from virnucpro.testmodels import write_published_classifier
+
+    reference = run.kept_vectors[("fp32", "today")]
+    frames = reference.shape[0]
+    dnabert = load_dnabert_s(data["snapshot"], device=device).embed(data["slices"][:frames]).vectors
+    width = dnabert.shape[1] + reference.shape[1]
+    path = data["dir"] / f"classifier_{width}.pth"
+    if not path.is_file():
+        write_published_classifier(path, input_dim=width, seed=1)
+    rows = {key: vectors for key, vectors in run.kept_vectors.items() if key[1] != "today, published batching"}
+    run.results["drift_paths"] = esm2_paths.drift_rows(rows, reference, dnabert, load_classifier(path))
 
 
 def published_loop(model, alphabet, sequences: list[str], device: str):
@@ -209,7 +328,8 @@ def dnabert_section(snapshot: Path, slices: list[str], shape, plan: dict, device
     return out
 
 
-def daemon_section(workdir: Path, shard: tuple[Path, Path], models: dict[str, Path], device: str) -> dict:
+def daemon_section(workdir: Path, shard: tuple[Path, Path], models: dict[str, Path], device: str,
+                   esm2_engine: str) -> dict:  # fmt: skip
     from virnucpro.serving.client import request_embedding
 
     run_dir = workdir / "run"
@@ -218,7 +338,7 @@ def daemon_section(workdir: Path, shard: tuple[Path, Path], models: dict[str, Pa
     ids = {"esm2": "gpu-esm2", "dnabert_s": "gpu-dnabert_s"}
     processes = [
         _common.start_daemon(model, models[model], run_dir, daemon_id, workdir, workdir / f"{daemon_id}.log",
-                             device=device, precision="bf16")
+                             device=device, precision="bf16", esm2_engine=esm2_engine)
         for model, daemon_id in ids.items()
     ]  # fmt: skip
     trips: dict[str, float] = {}
@@ -255,26 +375,31 @@ def print_report(results: dict) -> None:
           f"median {results['matmul_gflops'][1] / 1e3:.1f} TFLOP/s")  # fmt: skip
     print(f"setup: checkpoint written in {results['checkpoint_write_s']:.0f} s; frames: {results['frames']} "
           f"(prepared in {results['data_s']:.0f} s)")  # fmt: skip
-    header = (f"{'model':<9} {'method':<36} {'prec':<5} {'budget':>6} {'seqs':>6} {'tokens/s':>10} {'TFLOP/s':>8} "
-              f"{'of peak':>7} {'x publ.':>7}")  # fmt: skip
-    print(header)
-    print("-" * len(header))
-    for row in results["esm2"]["throughput"] + results["dnabert_s"]["throughput"]:
+    rows = results.get("esm2", {}).get("throughput", []) + results.get("dnabert_s", {}).get("throughput", [])
+    if rows:
+        header = (f"{'model':<9} {'method':<36} {'prec':<5} {'budget':>6} {'seqs':>6} {'tokens/s':>10} "
+                  f"{'TFLOP/s':>8} {'of peak':>7} {'x publ.':>7}")  # fmt: skip
+        print(header)
+        print("-" * len(header))
+    for row in rows:
         print(f"{row['model']:<9} {row['method']:<36} {row['precision']:<5} {row.get('budget', ''):>6} "
               f"{row['sequences']:>6} {row['tokens_per_s']:>10,.0f} {row['tflops']:>8.2f} "
               f"{row['tflops'] / results['peak_tflops']:>7.1%} "
               f"{(format(row['x_published'], '.2f') if 'x_published' in row else ''):>7}")  # fmt: skip
     for model in ("esm2", "dnabert_s"):
-        for name, d in results[model]["drift"].items():
+        for name, d in results.get(model, {}).get("drift", {}).items():
             print(f"drift {model} {name}: max |diff| {d['max_abs']:.2e}, max relative L2 {d['max_rel_l2']:.2e}, "
                   f"cosine min {d['cos_min']:.6f} (mean {d['cos_mean']:.6f})")  # fmt: skip
-    for model, d in results["daemons"].items():
+    esm2_paths.print_tables(results)
+    for model, d in results.get("daemons", {}).items():
         rate = d["tokens_per_second"] or 0.0
         memory = d["peak_gpu_memory_bytes"]
         print(f"daemon {model}: {d['sequences']} frames, {d['tokens']} tokens; request to reply "
               f"{d['request_to_reply_s']:.1f} s, compute {d['compute_seconds']:.1f} s ({rate:,.0f} tokens/s); "
               f"load {d['load_seconds']:.1f} s; model loads {d['model_loads']}; peak GPU memory "
               f"{memory / 1e9 if memory else 0:.1f} GB")  # fmt: skip
+    for name, error in results.get("errors", {}).items():
+        print(f"section {name} FAILED: {error}")
 
 
 def main() -> int:
@@ -284,7 +409,20 @@ def main() -> int:
     parser.add_argument(
         "--peak-tflops", type=float, default=989.0, help="the card's dense bf16 peak (H100/H200 SXM: 989)"
     )
-    parser.add_argument("--compile", action="store_true", help="also time ESM-2 bf16 under torch.compile")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, of {', '.join(SECTIONS)} (default: all)")  # fmt: skip
+    parser.add_argument("--time-limit", type=float, default=float("inf"),
+                        help="seconds after which no further section starts (their figures are then missing)")  # fmt: skip
+    parser.add_argument("--precisions", default="bf16,fp16",
+                        help="the precisions of budgets and ablation; profile, mixed, sharing in the first (bf16,fp16)")  # fmt: skip
+    parser.add_argument(
+        "--ablation-frames", type=int, help="frames per ablation row, fp32 too (default: 600, fp32 200)"
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="timed passes per ablation/mixed row, the best counts")
+    parser.add_argument("--esm-shape", help="ESM-2 layers,width,heads instead of the plan's (e.g. 6,320,20)")
+    parser.add_argument(
+        "--daemon-engine", default="default", help="the ESM-2 daemon's --esm2-engine (default: default)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here (default: $OUT/gpu.json if $OUT is set)")
     args = parser.parse_args()
     import torch
@@ -292,19 +430,23 @@ def main() -> int:
     if not args.tiny and not torch.cuda.is_available():
         print("no GPU: nothing to measure (use --tiny to run the same code on the CPU with small shapes)")
         return 0
+    sections = {name.strip() for name in args.sections.split(",") if name.strip()}
+    if not sections <= set(SECTIONS):
+        parser.error(
+            f"--sections: unknown {', '.join(sorted(sections - set(SECTIONS)))}; choose of {', '.join(SECTIONS)}"
+        )
     device = "cpu" if args.tiny else "cuda"
-    plan = TINY if args.tiny else REAL
+    plan = dict(TINY if args.tiny else REAL)
+    if args.esm_shape:
+        plan["esm"] = tuple(int(part) for part in args.esm_shape.split(","))
+    plan["repeats"] = args.repeats
+    if args.ablation_frames:
+        plan["ablation_frames"] = plan["fp32_ablation_frames"] = args.ablation_frames
     started = time.perf_counter()
     results: dict = {"command": _common.command_line(), "machine": _common.machine(), "peak_tflops": args.peak_tflops,
-                     "tiny": args.tiny}  # fmt: skip
-    target = _common.figures_file(args.json, "gpu.json")
-
-    def keep(section: str) -> None:
-        """Write what is measured so far, so that a run cut short still leaves its figures."""
-        print(f"{section} done after {time.perf_counter() - started:.0f} s", flush=True)
-        if target:
-            write_json(target, results)
-
+                     "tiny": args.tiny, "torch": torch.__version__,
+                     "cuda": torch.version.cuda, "sections": sorted(sections)}  # fmt: skip
+    run = Run(results, _common.figures_file(args.json, "gpu.json"), sections, started, args.time_limit)
     print(f"command: {results['command']}\nmachine: {results['machine']}", flush=True)
     size = 2048 if args.tiny else 8192
     results["matmul_size"] = size
@@ -334,22 +476,32 @@ def main() -> int:
     slices, proteins = _common.read_sequences(shard[0]), _common.read_sequences(shard[1])
     results["frames"], results["data_s"] = len(proteins), time.perf_counter() - data_started
     print(f"{len(proteins)} frames in the shard ({results['data_s']:.0f} s)", flush=True)
+    data = {"snapshot": snapshot, "slices": slices, "dir": args.dir}
 
-    rate = results["matmul_gflops"][0]
-    print("ESM-2 ...", flush=True)
-    results["esm2"] = esm_section(checkpoint, proteins, plan["esm"], plan, device, args.peak_tflops, rate, args.compile)
-    keep("ESM-2")
-    print("DNABERT-S ...", flush=True)
-    results["dnabert_s"] = dnabert_section(snapshot, slices, plan["dnabert"], plan, device)
-    keep("DNABERT-S")
-    print("daemons ...", flush=True)
-    results["daemons"] = daemon_section(args.dir, shard, {"esm2": checkpoint, "dnabert_s": snapshot}, device)
+    peak, rate = args.peak_tflops, results["matmul_gflops"][0]
+    for index, precision in enumerate(args.precisions.split(",")):
+        precision_block(run, checkpoint, proteins, data, plan, device, peak, rate, precision, index == 0)
+        free(device)
+    if sections & {"fp32", "ablation"}:
+        fp32(run, checkpoint, proteins, plan, device, peak, rate)
+        free(device)
+    run.section("drift", lambda: path_drift(run, data, plan, device))
+
+    def dnabert() -> None:
+        results["dnabert_s"] = dnabert_section(snapshot, slices, plan["dnabert"], plan, device)
+
+    def daemons() -> None:
+        models = {"esm2": checkpoint, "dnabert_s": snapshot}
+        results["daemons"] = daemon_section(args.dir, shard, models, device, args.daemon_engine)
+
+    run.section("dnabert", dnabert)
+    run.section("daemons", daemons)
     results["total_s"] = time.perf_counter() - started
     print_report(results)
     print(f"total {results['total_s']:.0f} s")
-    if target:
-        write_json(target, results)
-        print(f"wrote {target}")
+    if run.target:
+        write_json(run.target, results)
+        print(f"wrote {run.target}")
     return 0
 
 

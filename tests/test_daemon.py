@@ -173,6 +173,27 @@ def test_a_second_daemon_with_a_registered_id_refuses_to_start(shared, start_dae
     assert ask_json(shared["endpoint"], {"op": "ping"})["reply"] == "pong"
 
 
+@pytest.mark.slow
+def test_a_daemon_on_other_esm2_engine_paths_gives_the_in_process_vectors(start_daemon, models, tmp_path):
+    run_dir, data = tmp_path / "run", tmp_path / "data"
+    daemon = start_daemon(run_dir, "esm2-paths", "esm2", models["esm2"], [data], "--esm2-engine",
+                          "packed,fused-qkv,overlap,cuda-graphs")  # fmt: skip
+    daemon.wait_ready()
+    fasta = write_proteins(data / "shard_00000.faa", 40, seed=31, length=(1, 1100))
+    request_embedding(run_dir, "esm2", fasta, data / "shard_00000.pt", timeout=120)
+    assert_same_as_in_process(data / "shard_00000.pt", fasta, "esm2", models["esm2"])  # the default engine
+    assert "ESM-2 engine fused-qkv,packed,cuda-graphs,overlap" in daemon.log.read_text()
+    stop_daemons(run_dir)
+    assert daemon.wait_exit() == 0
+
+
+def test_a_daemon_with_an_unknown_esm2_engine_setting_refuses_to_start_in_one_line(start_daemon, models, tmp_path):
+    daemon = start_daemon(tmp_path / "run", "esm2-wrong", "esm2", models["esm2"], [tmp_path], "--esm2-engine", "fast")
+    assert daemon.wait_exit() == 2
+    lines = daemon.log.read_text().strip().splitlines()
+    assert len(lines) == 1 and "unknown ESM-2 engine setting 'fast'" in lines[0], lines
+
+
 # --- lifecycle ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_one_daemon_loads_its_model_once_for_six_shards_and_stop_daemons_ends_it(start_daemon, models, tmp_path):

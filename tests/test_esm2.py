@@ -15,6 +15,7 @@ import pytest
 import torch
 from esm.data import Alphabet, FastaBatchedDataset
 from esm.model.esm2 import ESM2
+from esm2_reference import fair_esm_model, reference_vector
 
 from virnucpro.engines.esm2 import load_esm2
 from virnucpro.errors import UserError
@@ -30,32 +31,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(checkpoint: Path) -> ESM2:
-    """fair-esm's ESM2 built by hand from the file's tensors (read here, not by the code under test)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        data = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    cfg = data["cfg"]["model"]
-    state = {}
-    for name, tensor in data["model"].items():
-        for prefix in ("encoder.sentence_encoder.", "encoder."):
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
-                break
-        state[name] = tensor.float()
-    regression = torch.load(checkpoint.with_name(checkpoint.stem + "-contact-regression.pt"), weights_only=True)
-    state.update({name: tensor.float() for name, tensor in regression["model"].items()})
-    model = ESM2(cfg.encoder_layers, cfg.encoder_embed_dim, cfg.encoder_attention_heads, "ESM-1b", cfg.token_dropout)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
-
-
-def reference_vector(model: ESM2, sequence: str, layer: int) -> torch.Tensor:
-    """One sequence alone: <cls> residues <eos>, representation of ``layer``, mean of residues 1..min(1024, len)."""
-    alphabet = Alphabet.from_architecture("ESM-1b")
-    tokens = torch.tensor([[alphabet.cls_idx, *(alphabet.get_idx(a) for a in sequence), alphabet.eos_idx]])
-    with torch.no_grad():
-        representation = model(tokens, repr_layers=[layer])["representations"][layer][0]
-    last = min(1024, len(sequence))
-    return representation[1 : last + 1].mean(0)
+    return fair_esm_model(checkpoint)
 
 
 def random_proteins(count: int, longest: int, seed: int) -> list[str]:
@@ -386,13 +362,6 @@ def test_encoding_equals_fair_esm_alphabet_encode(checkpoint: Path) -> None:
 def test_the_cpu_batch_budget_is_the_published_2048_unless_given(checkpoint: Path) -> None:
     assert load_esm2(checkpoint).toks_per_batch == 2048
     assert load_esm2(checkpoint, toks_per_batch=500).toks_per_batch == 500
-
-
-@pytest.mark.slow
-def test_a_compiled_model_gives_the_same_vectors(checkpoint: Path) -> None:
-    proteins = random_proteins(6, 120, seed=15)
-    compiled = load_esm2(checkpoint, compile_model=True).embed(proteins).vectors
-    torch.testing.assert_close(compiled, load_esm2(checkpoint).embed(proteins).vectors, atol=1e-5, rtol=1e-5)
 
 
 def test_layers_with_different_rotary_frequencies_each_use_their_own(checkpoint: Path, tmp_path: Path) -> None:

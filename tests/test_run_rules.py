@@ -237,6 +237,7 @@ def test_precision_and_classifier_decide_what_is_redone(workdir, reference, othe
     {"client_timeout": 7200}, {"failure_policy": "fail"}, {"transport": "tcp"}, {"idle_timeout": 30},
     {"orphan_timeout": 60}, {"freeze_timeout": 0}, {"daemon_restarts": 5}, {"cache_clear_every": 3},
     {"embedding_mode": "in_process"}, {"daemons": TWO_DAEMONS_EACH}, {"run_dir": ".virnucpro-elsewhere"},
+    {"esm2_engine": "all"},
 ])  # fmt: skip
 def test_settings_that_cannot_change_a_result_redo_nothing(workdir, reference, changes):
     copy_of(reference, workdir)

@@ -59,6 +59,14 @@ def test_a_length_other_than_300_or_500_is_refused(tmp_path):
     assert "400" in line_with(result.stdout, "config key 'length'")
 
 
+def test_an_unknown_esm2_engine_setting_is_refused_in_one_line(tmp_path):
+    config = write_config(tmp_path, ABSENT_MODELS, {"demo": str(DEMO_READS)}, esm2_engine="packed,turbo")
+    result = snakemake(tmp_path, "-n", "--configfile", str(config), timeout=120)
+    assert result.returncode != 0
+    line = line_with(result.stdout, "config key 'esm2_engine'")
+    assert "unknown ESM-2 engine setting 'packed,turbo'" in line and "fused-qkv" in line
+
+
 @pytest.mark.slow
 def test_a_missing_model_is_refused_naming_the_key_and_how_to_get_test_models(tmp_path, test_models):
     models = dict(test_models, esm2=tmp_path / "esm2_t36_3B_UR50D.pt")

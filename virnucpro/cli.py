@@ -186,6 +186,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             drain_grace=args.drain_grace,
             idle_timeout=args.idle_timeout,
             stop_file=args.stop_file,
+            esm2_engine=args.esm2_engine,
         )
     serve(spec, args.run_dir, args.stats_output)
 
@@ -358,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--weights", type=Path, help="model file or snapshot folder (required unless --from-run)")
     sub.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     sub.add_argument("--precision", choices=PRECISIONS, default="fp32", help="default fp32")
+    sub.add_argument("--esm2-engine", default="default",
+                     help="ESM-2's engine paths: default, all, or some of fused-qkv, packed, device-mean, compile, "
+                          "cuda-graphs, overlap, comma-separated (docs/models.md); ignored by DNABERT-S")  # fmt: skip
     sub.add_argument("--run-dir", type=Path, required=True, help="run folder holding the registry")
     sub.add_argument("--stats-output", type=Path, required=True, help="statistics JSON written on exit")
     sub.add_argument("--daemon-id", default=None, help="name in the registry (default: model-host-pid)")

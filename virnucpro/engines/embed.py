@@ -66,16 +66,22 @@ def torch_dtype(precision: str) -> torch.dtype:
     return dtypes[precision]
 
 
-def load_embedder(model: str, weights: Path, device: str = "cpu", precision: str = "fp32") -> Embedder:
-    """Load one embedding model from local files onto ``device``."""
+def load_embedder(
+    model: str, weights: Path, device: str = "cpu", precision: str = "fp32", esm2_engine: str = "default"
+) -> Embedder:
+    """Load one embedding model from local files onto ``device``; ``esm2_engine``: ESM-2's engine paths
+    (``virnucpro.engines.esm2_options``; DNABERT-S has one)."""
+    from virnucpro.engines.esm2_options import parse_engine
+
     dtype = torch_dtype(precision)
+    engine = parse_engine(esm2_engine)
     check_device(device)
     device = compute_device(device)
     model = canonical_model_name(model)
     if model == "esm2":
         from virnucpro.engines.esm2 import load_esm2
 
-        return load_esm2(Path(weights), device=device, dtype=dtype)
+        return load_esm2(Path(weights), device=device, dtype=dtype, engine=engine)
     from virnucpro.engines.dnabert import load_dnabert_s
 
     return load_dnabert_s(Path(weights), device=device, dtype=dtype)

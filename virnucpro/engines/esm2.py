@@ -19,6 +19,10 @@ model with a representations-only forward), equal to fair-esm's own in fp32 to f
 ``attention="fair-esm"`` runs fair-esm's forward instead. Proteins are tokenized as fair-esm's
 alphabet does, one-letter tokens by table lookup (fair-esm's tokenizer took 1 ms per protein).
 
+How the engine batches and computes is chosen by ``engine`` (``virnucpro.engines.esm2_options``: packed
+batches on variable-length attention, fused q/k/v, compiled layers, CUDA graphs, overlapped copies);
+the default is the engine described here, and every choice gives its vectors to float rounding.
+
 Long proteins are handled as the published VirNucPro does (see docs/models.md): the whole protein
 goes through the model (no ``truncation_seq_length``; fair-esm's extract.py would cut it to 1022
 residues), and the vector is the mean over residues 1 .. min(1024, len).
@@ -29,6 +33,8 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +45,7 @@ if TYPE_CHECKING:
     import torch
 
     from virnucpro.engines.embedded import Embedded
+    from virnucpro.engines.esm2_options import EngineOptions
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,8 @@ GPU_TOKS_PER_BATCH = 16384
 ATTENTION = ("sdpa", "fair-esm")
 ROTARY_FREQUENCIES = "rot_emb.inv_freq"
 """The name ending of each layer's rotary frequencies (a buffer: not a trained weight, fp32 in fair-esm)."""
+WARM_UP = ("MKVLAAGIIGLW" * 3, "ACDEFGHIKLMNPQRSTVWY" * 4)
+"""Two proteins of other lengths embedded when the layer is compiled (two, so that no size is 1)."""
 ALPHABET = "ESM-1b"
 """fair-esm's name of the alphabet (token table) that ESM-2 uses: ``esm.data.Alphabet.from_architecture(ALPHABET)``."""
 
@@ -72,11 +81,14 @@ def upgrade_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 class Esm2Embedder:
     """A loaded ESM-2 model that embeds proteins exactly as the published extraction does.
 
-    ``model`` is called as ``model(tokens, repr_layers=[layer])``; it may be replaced by any callable
-    with that signature (tests wrap it to inject out-of-memory errors).
+    ``model`` is called as ``model(tokens, repr_layers=[layer])`` on padded batches; it may be replaced by
+    any callable with that signature (tests wrap it to inject out-of-memory errors). ``options`` (see
+    ``virnucpro.engines.esm2_options``) chooses the engine's paths; ``set_options`` changes them.
     """
 
     def __init__(self, model: Any, alphabet: Any, layer: int, toks_per_batch: int) -> None:
+        from virnucpro.engines.esm2_options import EngineOptions
+
         self.model = model
         self.alphabet = alphabet
         self.layer = layer
@@ -84,7 +96,42 @@ class Esm2Embedder:
         self.dim: int = model.embed_dim
         self.num_layers: int = model.num_layers
         self.device: torch.device = model.embed_tokens.weight.device
+        self.options = EngineOptions()
+        self.packed_forward: Any = None
+        """``f(PackedBatch) -> [S, E]`` float32 means on the device, when ``options.packed``."""
         self._letters = _letter_table(alphabet)
+        self._special = {name: getattr(alphabet, f"{name}_idx") for name in ("cls", "eos", "padding", "mask")}
+
+    def set_options(self, options: EngineOptions | str) -> None:
+        """Switch the engine's paths (``EngineOptions`` or the setting's text); the default is today's engine."""
+        import torch
+
+        from virnucpro.engines import esm2_packed
+        from virnucpro.engines.esm2_model import SdpaESM2
+        from virnucpro.engines.esm2_options import parse_engine
+
+        options = parse_engine(options)
+        model = self.model
+        if not options.is_default and not isinstance(model, SdpaESM2):
+            raise ValueError(f"the ESM-2 engine setting '{options}' needs attention='sdpa'")
+        if isinstance(model, SdpaESM2):
+            model.configure(fused_qkv=options.fused_qkv, compile_regions=options.compile)
+        self.options, self.packed_forward = options, None
+        if options.packed:
+            attention = model.layers[0].self_attn
+            attend, how = esm2_packed.choose_attention(self.device, model.embed_tokens.weight.dtype,
+                                                       attention.num_heads, attention.head_dim)  # fmt: skip
+            forward = partial(_packed_means, model, self.layer, attend)
+            if options.cuda_graphs and self.device.type == "cuda":
+                forward = esm2_packed.GraphedForward(forward)
+            elif options.cuda_graphs:
+                how += "; no CUDA: cuda-graphs keeps only its bucketed shapes"
+            self.packed_forward = forward
+            log.info("ESM-2 engine %s (torch %s): %s", options, torch.__version__, how)
+        elif not options.is_default:
+            log.info("ESM-2 engine %s (torch %s)", options, torch.__version__)
+        if options.compile:  # compiled now, at load, rather than in the first shard (dynamic shapes: once)
+            self.embed(list(WARM_UP))
 
     def encode(self, sequence: str) -> list[int]:
         """The protein's token ids without ``<cls>``/``<eos>``, as fair-esm's ``alphabet.encode`` gives them."""
@@ -97,47 +144,81 @@ class Esm2Embedder:
     def embed(self, sequences: list[str]) -> Embedded:
         """Mean representation of ``layer`` over residues 1..min(1024, len), one row per sequence in input order.
 
-        Batches as published (sorted by length, ``toks_per_batch``). A batch that runs out of GPU
-        memory is split in halves and retried after clearing the cache; a protein that does not fit
-        even alone is left out: its row is NaN and ``failed`` says why. On a GPU the batches are
-        queued without waiting for the device, and the vectors are copied back once at the end.
+        Batches as published (sorted by length, ``toks_per_batch``), or packed to the budget with
+        ``options.packed``. A batch that runs out of GPU memory is split in halves and retried after
+        clearing the cache; a protein that does not fit even alone is left out: its row is NaN and
+        ``failed`` says why. On a GPU the batches are queued without waiting for the device; the vectors
+        are copied back once at the end, or batch by batch on a side stream with ``options.overlap``.
         """
         import torch
         from esm.data import FastaBatchedDataset
 
-        from virnucpro.engines.embedded import Embedded, run_splitting_on_oom, to_device
+        from virnucpro.engines.embedded import Embedded, run_splitting_on_oom
+        from virnucpro.engines.esm2_packed import packed_batches
+        from virnucpro.engines.pipeline import Transfers, VectorSink, prefetched
 
         for index, sequence in enumerate(sequences):
             if not sequence:
                 raise UserError(f"protein sequence #{index + 1} is empty: ESM-2 cannot embed an empty protein")
-        encoded = [self.encode(sequence) for sequence in sequences]
-        vectors = torch.full((len(sequences), self.dim), float("nan"), dtype=torch.float32, device=self.device)
-        dataset = FastaBatchedDataset([str(i) for i in range(len(sequences))], sequences)
-        batches = dataset.get_batch_indices(self.toks_per_batch, extra_toks_per_seq=1)
+        if self.options.packed:
+            batches = packed_batches([len(sequence) for sequence in sequences], self.toks_per_batch)
+        else:
+            dataset = FastaBatchedDataset([str(i) for i in range(len(sequences))], sequences)
+            batches = [list(batch) for batch in dataset.get_batch_indices(self.toks_per_batch, extra_toks_per_seq=1)]
+        transfers = Transfers(self.device, side_stream=self.options.overlap)
+        sink = VectorSink(len(sequences), self.dim, self.device, streamed=self.options.overlap)
 
-        def run(batch: list[int]) -> None:
-            tokens = self._tokens([encoded[i] for i in batch])
-            # the published mean covers positions 1..min(1024, len(string)) of what the row holds
-            ends = torch.tensor([min(MEAN_POSITIONS, len(sequences[i]), tokens.shape[1] - 1) for i in batch])
-            tokens, ends, rows = (to_device(t, self.device) for t in (tokens, ends, torch.tensor(batch)))
-            out = self.model(tokens, repr_layers=[self.layer])
-            representations = out["representations"][self.layer]
-            positions = torch.arange(tokens.shape[1], device=self.device)
-            take = (positions[None, :] >= 1) & (positions[None, :] <= ends[:, None])
-            sums = (representations.float() * take[..., None]).sum(dim=1)
-            vectors.index_copy_(0, rows, sums / ends[:, None])
+        def prepare(batch: list[int]) -> Any:
+            return transfers.pin(self._prepare(sequences, batch))
+
+        def run(ready: tuple[list[int], Any], batch: list[int]) -> None:
+            prepared = ready[1] if batch == ready[0] else prepare(batch)  # a part of a split batch: prepared now
+            sink.put(batch, self._compute(transfers.upload(prepared)))
 
         failed: dict[int, str] = {}
         out_of_memory = 0
         with torch.inference_mode():
-            for batch in batches:
+            for ready in prefetched(batches, prepare, background=self.options.overlap):
                 outcome = run_splitting_on_oom(
-                    list(batch), run, self._clear_cache, lambda i: f"{len(sequences[i])} residues"
+                    list(ready[0]), partial(run, ready), self._clear_cache, lambda i: f"{len(sequences[i])} residues"
                 )
                 failed.update(outcome.failed)
                 out_of_memory += outcome.out_of_memory
         tokens = sum(len(s) + 2 for i, s in enumerate(sequences) if i not in failed)
-        return Embedded(vectors=vectors.cpu(), tokens=tokens, failed=failed, out_of_memory=out_of_memory)
+        return Embedded(vectors=sink.result(), tokens=tokens, failed=failed, out_of_memory=out_of_memory)
+
+    def _prepare(self, sequences: list[str], batch: list[int]) -> Any:
+        """The host tensors of one batch: padded (``_PaddedBatch``) or packed (``PackedBatch``)."""
+        import torch
+
+        from virnucpro.engines.esm2_packed import pack
+
+        encoded = [self.encode(sequences[i]) for i in batch]
+        if self.options.packed:
+            # the published mean covers positions 1..min(1024, len(string)) of what the protein's tokens hold
+            ends = [min(MEAN_POSITIONS, len(sequences[i]), len(ids) + 1) for i, ids in zip(batch, encoded)]
+            budget = self.toks_per_batch if self.options.bucketed else None
+            return pack(encoded, ends, self._special, bucket_budget=budget)
+        tokens = self._tokens(encoded)
+        # the published mean covers positions 1..min(1024, len(string)) of what the row holds
+        ends = torch.tensor([min(MEAN_POSITIONS, len(sequences[i]), tokens.shape[1] - 1) for i in batch])
+        return _PaddedBatch(tokens, ends)
+
+    def _compute(self, batch: Any) -> torch.Tensor:
+        """The batch's mean vectors [B, E], float32 on the device, in the batch's order."""
+        import torch
+
+        if self.options.packed:
+            return self.packed_forward(batch)[: batch.count]
+        tokens, ends = batch.tokens, batch.ends
+        representations = self.model(tokens, repr_layers=[self.layer])["representations"][self.layer]
+        positions = torch.arange(tokens.shape[1], device=self.device)
+        take = (positions[None, :] >= 1) & (positions[None, :] <= ends[:, None])
+        if self.options.device_mean:  # reduced in fp32 from the model's dtype: no fp32 copy of the padded batch
+            sums = representations.masked_fill(~take[..., None], 0).sum(dim=1, dtype=torch.float32)
+        else:
+            sums = (representations.float() * take[..., None]).sum(dim=1)
+        return sums / ends[:, None]
 
     def _tokens(self, encoded: list[list[int]]) -> torch.Tensor:
         """``<cls>`` ids ``<eos>`` per row, padded: what fair-esm's batch converter returns."""
@@ -158,6 +239,23 @@ class Esm2Embedder:
             torch.cuda.empty_cache()
 
 
+@dataclass(frozen=True)
+class _PaddedBatch:
+    """A padded batch: tokens [B, T] as fair-esm's batch converter makes them, and each row's mean end [B]."""
+
+    tokens: torch.Tensor
+    ends: torch.Tensor
+
+    def map(self, move: Any) -> _PaddedBatch:
+        return _PaddedBatch(move(self.tokens), move(self.ends))
+
+
+def _packed_means(model: Any, layer: int, attend: Any, batch: Any) -> torch.Tensor:
+    from virnucpro.engines.esm2_packed import packed_means, packed_representation
+
+    return packed_means(packed_representation(model, batch, layer, attend), batch)
+
+
 def _letter_table(alphabet: Any) -> list[int]:
     """Token id of each ASCII code that is a one-letter token of the alphabet, -1 for the others."""
     table = [-1] * 128
@@ -174,13 +272,14 @@ def load_esm2(
     layer: int | None = None,
     toks_per_batch: int | None = None,
     attention: str = "sdpa",
-    compile_model: bool = False,
+    engine: EngineOptions | str = "default",
 ) -> Esm2Embedder:
     """Load a published-format ESM-2 checkpoint onto ``device`` (fp32 unless ``dtype``, last layer unless ``layer``).
 
     ``toks_per_batch``: the published 2048 on the CPU, ``GPU_TOKS_PER_BATCH`` on a GPU unless given.
     ``attention``: ``"sdpa"`` (PyTorch's fused attention, see ``virnucpro.engines.esm2_model``) or ``"fair-esm"``
-    (fair-esm's own forward). ``compile_model``: run the model through ``torch.compile``.
+    (fair-esm's own forward). ``engine``: the engine's paths (``virnucpro.engines.esm2_options``; sdpa only).
+    With sdpa each layer's q, k, v projections are placed in one concatenated tensor that they view.
     """
     import torch
     from esm.data import Alphabet
@@ -230,16 +329,22 @@ def load_esm2(
     rotary = {
         name: state.pop(name) for name in list(state) if attention == "sdpa" and name.endswith(ROTARY_FREQUENCIES)
     }
+    fused = []
+    if attention == "sdpa":
+        views, fused = place_fused_projections(state, num_layers, target, dtype or torch.float32, pages)
     weights = place_tensors(state, target, dtype or torch.float32, pages)
     weights.update(place_tensors(rotary, target, torch.float32, pages))
+    if attention == "sdpa":
+        weights.update(views)
     model.load_state_dict(weights, strict=True, assign=True)
     model.lm_head.weight = model.embed_tokens.weight  # the published model ties these two
     if attention == "sdpa":
         model.share_rotary_buffers()
+        model.attach_fused_qkv(fused)
     model.eval()
-    if compile_model:
-        model = torch.compile(model, dynamic=True)
-    return Esm2Embedder(model, alphabet, layer, toks_per_batch)
+    embedder = Esm2Embedder(model, alphabet, layer, toks_per_batch)
+    embedder.set_options(engine)
+    return embedder
 
 
 def _model_class(attention: str) -> type:
@@ -250,6 +355,34 @@ def _model_class(attention: str) -> type:
     from virnucpro.engines.esm2_model import SdpaESM2
 
     return SdpaESM2
+
+
+def place_fused_projections(
+    state: dict[str, torch.Tensor], num_layers: int, device: torch.device, dtype: torch.dtype, pages: Any = None
+) -> tuple[dict[str, torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Copy each layer's q, k, v projection weights and biases (taken out of ``state``) into one [3E, E] weight
+    and one [3E] bias on ``device`` in ``dtype``; returns the three parts of each as views named as in
+    ``state``, and the concatenated (weight, bias) per layer. Each source's mapped pages are given back
+    once copied (``pages``), so the host never holds a second copy of the weights."""
+    import torch
+
+    views: dict[str, torch.Tensor] = {}
+    fused = []
+    for index in range(num_layers):
+        pair = []
+        for kind in ("weight", "bias"):
+            names = [f"layers.{index}.self_attn.{letter}_proj.{kind}" for letter in "qkv"]
+            first = state[names[0]]
+            target = torch.empty((3 * first.shape[0], *first.shape[1:]), dtype=dtype, device=device)
+            for part, name in zip(target.chunk(3), names, strict=True):
+                source = state.pop(name)
+                part.copy_(source)
+                if pages is not None:
+                    pages.release(source)
+                views[name] = part
+            pair.append(target)
+        fused.append((pair[0], pair[1]))
+    return views, fused
 
 
 def place_tensors(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from virnucpro.errors import UserError
@@ -41,7 +41,7 @@ class DaemonSpec:
     orphan_timeout: float = 300.0  # serve job: the run's heartbeat unchanged this long means the run is gone
     freeze_timeout: float = 60.0  # serve job: a registry entry this old means the daemon froze (0: never)
     stop_file: Path | None = None  # None: the run folder's stop files
-    extra: dict = field(default_factory=dict)  # engine options (docs/models.md), passed to the engine as is
+    esm2_engine: str = "default"  # ESM-2's engine paths (docs/models.md); DNABERT-S ignores it
 
     def checked(self) -> DaemonSpec:
         """This spec with absolute paths; UserError naming the field for a value no daemon can serve with."""
@@ -55,6 +55,9 @@ class DaemonSpec:
             raise UserError("the queue limit must be at least 1 and the drain grace at least 0")
         if self.cache_clear_every < 1:
             raise UserError("the cache-clear interval must be at least 1 shard")
+        from virnucpro.engines.esm2_options import parse_engine
+
+        parse_engine(self.esm2_engine)  # UserError naming a wrong path
         return replace(
             self,
             model=canonical_model_name(self.model),
@@ -87,7 +90,6 @@ class DaemonSpec:
             weights=Path(spec.weights),
             allowed_roots=tuple(Path(root) for root in spec.allowed_roots),
             stop_file=Path(spec.stop_file) if spec.stop_file is not None else None,
-            extra=dict(spec.extra or {}),
         )
 
 

@@ -107,7 +107,8 @@ class Worker:
 
         started = time.monotonic()
         try:
-            embedder = load_embedder(self.model, self.spec.weights, device=self.device, precision=self.spec.precision)
+            embedder = load_embedder(self.model, self.spec.weights, device=self.device, precision=self.spec.precision,
+                                     esm2_engine=self.spec.esm2_engine)  # fmt: skip
         except Exception as error:
             if not isinstance(error, UserError):
                 log.exception("daemon %s: loading failed", self.daemon_id)

@@ -16,6 +16,7 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 from virnucpro.engines.embed import GPU_SLOT_CPU, MODELS
+from virnucpro.engines.esm2_options import parse_engine
 from virnucpro.errors import UserError
 from virnucpro.fingerprint import model_fingerprint
 from virnucpro.layout import RunFiles
@@ -63,6 +64,10 @@ def validate_config(config):
         where = ".".join(str(part) for part in cause.absolute_path)
         key = f"config key '{where}'" if where else "config"
         raise WorkflowError(f"{key}: {cause.message} (see config/README.md)") from None
+    try:
+        parse_engine(config["esm2_engine"])
+    except UserError as error:
+        raise WorkflowError(f"config key 'esm2_engine': {error} (see config/README.md)") from None
 
 
 def read_sample_sheet(path):
@@ -315,7 +320,8 @@ def get_daemon_specs():
     return {
         daemon: DaemonSpec(
             daemon_id=daemon, model=spec["model"], weights=config["models"][spec["model"]], device=spec["device"],
-            precision=config["precision"], transport=transport, bind_host=config["bind_host"],
+            precision=config["precision"], esm2_engine=config["esm2_engine"], transport=transport,
+            bind_host=config["bind_host"],
             allowed_roots=(os.path.abspath("results"),), cache_clear_every=config["cache_clear_every"],
             orphan_timeout=config["orphan_timeout"], freeze_timeout=config["freeze_timeout"],
         ).checked()
