@@ -34,6 +34,7 @@ from pathlib import Path
 from virnucpro import atomic
 from virnucpro.errors import UserError
 from virnucpro.serving import registry, transport
+from virnucpro.serving.progress import ProgressReport
 from virnucpro.serving.protocol import State
 from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir, read_token
 from virnucpro.serving.stats import read_stats, write_stats
@@ -90,6 +91,7 @@ class RunWatch:
         baseline = (read_token(self.run.stop_file) or b"").decode()
         self.run.write_settings({**self.settings, "session": self.session, "stop_baseline": baseline})
         logger.addHandler(_JobEvents(self))
+        self.progress = ProgressReport(self.run, self.settings.get("progress", {}), say=logger.info)  # progress hook
         for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(number, self._on_signal(signal.getsignal(number)))
         threading.Thread(target=self._beat, name="virnucpro-run-watch", daemon=True).start()
@@ -146,6 +148,7 @@ class RunWatch:
                 log.warning("could not write the run's heartbeat %s: %s", self.run.heartbeat, error)
             beat += 1
             self._check_quiet()
+            self.progress.tick()  # progress hook: a line per model every `every` s while the daemons embed
             time.sleep(HEARTBEAT_EVERY)
 
     def _check_quiet(self) -> None:

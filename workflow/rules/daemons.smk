@@ -32,6 +32,7 @@ onstart:
     check_progress()
     RUN_WATCH.keep_going = bool(getattr(workflow.execution_settings, "keep_going", False))
     RUN_WATCH.settings["daemons"] = get_daemon_settings()
+    RUN_WATCH.settings["progress"] = get_progress_settings()  # progress hook (virnucpro.serving.progress)
     RUN_WATCH.start(logger)
 
 
