@@ -23,6 +23,17 @@ def test_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_test_models(tmp_path_factory.mktemp("test-models"))
 
 
+@pytest.fixture(scope="session")
+def demo_outside(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """scripts/demo.sh, run once per test session with this virtualenv: its run folder and its output."""
+    from runs import run_demo
+
+    folder = tmp_path_factory.mktemp("demo") / "run"
+    result = run_demo(folder)
+    assert result.returncode == 0, result.stdout[-8000:]
+    return folder, result.stdout
+
+
 # A test cluster of SLURM nodes in network namespaces (scripts/slurm-cluster.sh start --nodes N).
 
 CLUSTER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm-cluster.sh"

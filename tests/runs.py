@@ -18,6 +18,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 DEMO_READS = REPO / "tests" / "data" / "demo_reads.fa"
+DEMO_SCRIPT = REPO / "scripts" / "demo.sh"
 BIN = Path(sys.executable).parent
 SAMPLE_OUTPUTS = ("prediction_results.txt", "prediction_results_highestscore.csv", "reads.tsv", "failures.tsv")
 COMPARED = ("prediction_results.txt", "prediction_results_highestscore.csv", "reads.tsv")
@@ -48,6 +49,14 @@ def run_workflow(workdir: Path, *args: str, cores: int = 3, timeout: float = 600
     """A run of the workflow with `workdir`'s config.yaml."""
     return snakemake(workdir, "--cores", str(cores), "--configfile", str(workdir / "config.yaml"), *args,
                      timeout=timeout)  # fmt: skip
+
+
+def run_demo(folder: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    """scripts/demo.sh with this virtualenv's virnucpro and snakemake (--no-setup), its run in `folder`; its
+    stdout and stderr together are in `.stdout`."""
+    env = dict(snakemake_env(), VIRNUCPRO_DEMO_DIR=str(folder))
+    return subprocess.run(["bash", str(DEMO_SCRIPT), "--no-setup"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)  # fmt: skip
 
 
 def write_config(workdir: Path, models: dict[str, Path], samples: dict[str, str], **keys) -> Path:

@@ -157,6 +157,12 @@ def test_the_summary_page_does_not_grow_with_the_reads(tmp_path):
     assert sizes[1] < 100_000
 
 
+def test_reading_a_samples_tables_leaves_nothing_beside_them(tables, tmp_path):
+    before = sorted(path.name for path in tmp_path.iterdir())
+    assert summarize_sample("s", tables["reads"], tables["predictions"], tables["failures"]).failures == 3
+    assert sorted(path.name for path in tmp_path.iterdir()) == before  # no f.tsv.lock: it is not the live manifest
+
+
 def test_the_command_writes_the_plots_and_the_summary_page(tables, tmp_path):
     out = tmp_path / "plots"
     assert main(["-q", "report-plots", "--sample", "s", "--reads-table", str(tables["reads"]), "--predictions",

@@ -206,6 +206,12 @@ def _cmd_stop_daemons(args: argparse.Namespace) -> None:
     logging.info("asked %d daemon(s) to stop", stopped)
 
 
+def _cmd_status(args: argparse.Namespace) -> None:
+    from virnucpro.serving.progress import status_lines
+
+    print("\n".join(status_lines(args.run_dir)))
+
+
 def _cmd_make_test_models(args: argparse.Namespace) -> None:
     from virnucpro.testmodels import make_test_models
 
@@ -420,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-file",
         type=Path,
         help="write the fresh stop token here instead of RUN_DIR/stop (daemons started with --stop-file)",
+    )
+
+    sub = command("status", _cmd_status, "how far a run's embedding is, per model, and the time left (from files only)")
+    sub.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="the run folder (config key run_dir, default .virnucpro)"
     )
 
     from virnucpro.engines.download import GROUPS  # stdlib only: cheap

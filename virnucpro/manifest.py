@@ -85,11 +85,18 @@ def record_embed_failures(
 
 
 def read_failures(path: Path) -> list[dict[str, str]]:
-    """All entries of a manifest as dicts keyed by ``MANIFEST_COLUMNS``; a missing file has none."""
+    """All entries of a manifest as dicts keyed by ``MANIFEST_COLUMNS``; a missing file has none. Under a
+    shared lock (``<manifest>.lock``, created if needed): for the run's manifest, which daemons may be writing."""
     if not Path(path).exists():
         return []
     with _locked(path, shared=True):
         return _read(Path(path))
+
+
+def read_failure_table(path: Path) -> list[dict[str, str]]:
+    """The entries of a finished table in the manifest's format that no process writes any more (a sample's
+    ``failures.tsv``), read without a lock, so that nothing appears beside it; a missing file has none."""
+    return _read(Path(path))
 
 
 def _entry(fields: dict) -> dict[str, str]:

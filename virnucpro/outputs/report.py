@@ -205,11 +205,11 @@ def _number(path: Path, line: int, text: str, kind):
 
 
 def _read_failures(path: Path) -> list[dict[str, str]]:
-    from virnucpro.manifest import read_failures
+    from virnucpro.manifest import read_failure_table
 
     if not path.is_file():
         raise UserError(f"{path}: failures table not found")
-    return read_failures(path)
+    return read_failure_table(path)
 
 
 def why_unfinished(logs: Iterable[Path]) -> str:

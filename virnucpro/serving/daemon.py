@@ -25,6 +25,7 @@ from virnucpro.errors import UserError
 from virnucpro.fingerprint import model_fingerprint
 from virnucpro.serving import registry, timing, transport
 from virnucpro.serving.confine import Confinement
+from virnucpro.serving.progress import DaemonMeter
 from virnucpro.serving.protocol import (
     EmbedRequest,
     Op,
@@ -65,6 +66,7 @@ class Daemon:
         self.last_activity = time.monotonic()
         self.events_endpoint = f"inproc://events-{id(self)}"
         self.counters = DaemonCounters()
+        self.meter = DaemonMeter()  # progress hook (serving/progress.py): the entry's "progress"
         self.worker: Worker | None = None
         self.entry = {
             "daemon_id": spec.daemon_id, "endpoint": "", "server_key": None, "pid": os.getpid(),
@@ -141,7 +143,11 @@ class Daemon:
         return thread
 
     def _publish(self, **changes) -> None:
-        self.entry.update(changes, heartbeat=round(time.time(), 3))
+        queued, running = len(self.jobs) - (self.running is not None), int(self.running is not None)
+        counters = self.counters
+        progress = self.meter.snapshot(shards=counters.shards, frames=counters.sequences, tokens=counters.tokens,
+                                       queued=queued, running=running)  # fmt: skip  # progress hook
+        self.entry.update(changes, heartbeat=round(time.time(), 3), progress=progress)
         registry.write_entry(self.rundir, self.entry)
 
     def _heartbeat(self, router: zmq.Socket) -> None:
@@ -343,6 +349,8 @@ class Daemon:
             self.counters.tokens += reply["tokens"]
             self.counters.compute_seconds += reply["seconds"]
             self.counters.sequence_failures += reply["failed_sequences"]
+            if job is not None:
+                self.meter.shard_done(job.input)  # progress hook: the bytes behind these tokens
             rate = reply["tokens"] / reply["seconds"] if reply["seconds"] else 0.0
             log.info("daemon %s: shard %s: %d sequences, %d tokens in %.2f s (%.0f tokens/s)", self.daemon_id,
                      event["label"], reply["sequences"], reply["tokens"], reply["seconds"], rate)  # fmt: skip

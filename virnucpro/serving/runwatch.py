@@ -38,6 +38,7 @@ from virnucpro.errors import UserError, environmental
 from virnucpro.serving import registry, timing
 from virnucpro.serving.history import ATTEMPT_ENDED, ATTEMPT_STARTED, prune_history
 from virnucpro.serving.plan import SnakemakePlan
+from virnucpro.serving.progress import ProgressReport
 from virnucpro.serving.protocol import State
 from virnucpro.serving.rundir import RunDir
 from virnucpro.serving.spec import DaemonSpec
@@ -111,6 +112,7 @@ class RunWatch:
         self.run.record_event(event=ATTEMPT_STARTED, session=self.session, host=socket.gethostname(),
                               pid=os.getpid(), workdir=workdir)  # fmt: skip
         logger.addHandler(_JobEvents(self))
+        self.progress = ProgressReport(self.run, self.job_settings.get("progress", {}), say=logger.info)
         for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(number, self._on_signal(signal.getsignal(number)))
         threading.Thread(target=self._beat, name="virnucpro-run-watch", daemon=True).start()
@@ -215,6 +217,7 @@ class RunWatch:
                 self._check_daemons()
                 self._check_plan()
                 self._check_quiet()
+                self.progress.tick()  # a line per model every progress_every s while the daemons embed
             except OSError as error:
                 self.fatal(error)
             self.ended.wait(timing.RUN_HEARTBEAT_EVERY)

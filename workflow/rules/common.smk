@@ -11,8 +11,10 @@ from pathlib import Path
 
 import jsonschema
 
+from snakemake.common import is_local_file, parse_uri
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 from virnucpro.engines.embed import GPU_SLOT_CPU, MODELS
@@ -22,6 +24,7 @@ from virnucpro.fingerprint import model_fingerprint
 from virnucpro.layout import RunFiles
 from virnucpro.resume import FILE, TABLE, Shard, check_intermediates
 from virnucpro.serving.plan import SnakemakePlan, models_with_work
+from virnucpro.serving.progress import workflow_settings
 from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir
 from virnucpro.serving.runwatch import RunWatch, new_session
 from virnucpro.serving.spec import DaemonSpec
@@ -147,6 +150,17 @@ def check_models(config):
         )
 
 
+def check_container(config):
+    """With --sdm apptainer, a local image file (config key container) exists: else one line says how to make it."""
+    image = config["container"]
+    if is_local_file(image) and not os.path.isfile(parse_uri(image).uri_path):
+        raise WorkflowError(
+            f"config key 'container': no image file {image} (snakemake --sdm apptainer runs every job in it): build "
+            "it from the Containerfile and convert it to .sif (docs/cluster.md, 'The container image'), or set "
+            "'container' to its path or to an address apptainer can pull (docker://..., oras://...)"
+        )
+
+
 def daemon_table(config):
     """Daemon ID ('esm2-0', 'dnabert_s-1', ...) -> {'model', 'device'}, one per configured device."""
     return {
@@ -162,6 +176,8 @@ if SAMPLES:
     check_models(config)
 else:
     logger.warning("no samples configured: set 'samples' or 'sample_sheet' in the config (see config/README.md)")
+if DeploymentMethod.APPTAINER in workflow.deployment_settings.deployment_method:
+    check_container(config)
 DAEMON_MODE = config["embedding_mode"] == "daemon"
 DAEMONS = daemon_table(config) if DAEMON_MODE else {}
 # Absolute: the run's threads outlive snakemake's change into --directory (and back, at its end).
@@ -327,6 +343,14 @@ def get_daemon_specs():
         ).checked()
         for daemon, spec in DAEMONS.items()
     }  # fmt: skip
+
+
+def get_progress_settings():
+    """What the run's watch reports while the daemons embed (virnucpro.serving.progress): each model's shard and
+    embedding paths, as its embedding rule names them, the samples, and the seconds between two reports."""
+    paths = {model: (getattr(rules, f"embed_{model}").input.shard, getattr(rules, f"embed_{model}").output[0])
+             for model in MODELS}  # fmt: skip
+    return workflow_settings(paths, list(SAMPLES), config["progress_every"])
 
 
 def untracked(value):

@@ -41,6 +41,7 @@ onstart:
     check_progress()
     if DAEMON_MODE:
         plan = SnakemakePlan(workflow, embed_rules=EMBED_RULES, prep_rules=PREP_RULES, serve_rule="serve_model")
+        RUN_WATCH.job_settings["progress"] = get_progress_settings()
         keep_going = bool(getattr(workflow.execution_settings, "keep_going", False))
         try:
             RUN_WATCH.start(
