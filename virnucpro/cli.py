@@ -67,7 +67,7 @@ def _cmd_embed(args: argparse.Namespace) -> None:
         from virnucpro.engines.embed import canonical_model_name
         from virnucpro.engines.provenance import write_record
 
-        write_record(args.record, args.output, model=canonical_model_name(args.model),
+        write_record(args.record, args.output, source=args.input, model=canonical_model_name(args.model),
                      fingerprint=args.model_fingerprint, precision=args.precision or "fp32")  # fmt: skip
 
 
