@@ -26,6 +26,7 @@ SAMPLE_PLOTS = ("scores", "verdicts", "failures")
 """A sample's plots (``PlotFiles.png``), in the order the report draws them."""
 DAEMON_STATS_SUFFIX = ".stats.json"
 """What ends a serve job's output after its daemon's ID (``RunFiles.daemon_stats``)."""
+_NUCLEOTIDE, _PROTEIN = ".fa", ".faa"  # a shard's two files
 
 
 def shard_name(index: int) -> str:
@@ -43,13 +44,12 @@ class ShardFiles:
     """A shards folder (``work/shards/``): per shard, its nucleotide frames and their proteins, same IDs."""
 
     folder: str
-    _NUCLEOTIDE, _PROTEIN = ".fa", ".faa"
 
     def nucleotide(self, shard: str) -> str:
-        return os.path.join(self.folder, shard + self._NUCLEOTIDE)
+        return os.path.join(self.folder, shard + _NUCLEOTIDE)
 
     def protein(self, shard: str) -> str:
-        return os.path.join(self.folder, shard + self._PROTEIN)
+        return os.path.join(self.folder, shard + _PROTEIN)
 
     def names(self) -> list[str]:
         """The shards in the folder (those with a nucleotide file), in shard order; [] without the folder."""
@@ -57,7 +57,7 @@ class ShardFiles:
             entries = os.listdir(self.folder)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        names = [entry[: -len(self._NUCLEOTIDE)] for entry in entries if entry.endswith(self._NUCLEOTIDE)]
+        names = [entry[: -len(_NUCLEOTIDE)] for entry in entries if entry.endswith(_NUCLEOTIDE)]
         return sorted((name for name in names if re.fullmatch(SHARD_PATTERN, name)), key=shard_index)
 
     def model_input(self, shard: str, model: str) -> str:
