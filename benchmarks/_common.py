@@ -10,6 +10,7 @@ ESM-2 3B, tensor by tensor in fp16 (``write_large_esm2``), so that the real load
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
@@ -17,6 +18,8 @@ import shlex
 import sys
 import time
 from pathlib import Path
+
+from virnucpro.layout import RESULTS, RunFiles, SampleFiles
 
 REPO = Path(__file__).resolve().parent.parent
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
@@ -248,6 +251,16 @@ def workflow_config(sample: str, reads: Path, models: dict[str, Path], devices: 
     }
 
 
+def sample_files(workdir: Path, sample: str) -> SampleFiles:
+    """Where a workflow run in ``workdir`` puts the files of ``sample`` (``virnucpro.layout``)."""
+    return SampleFiles(sample, str(workdir / RESULTS))
+
+
+def run_stats(workdir: Path) -> dict:
+    """The run statistics of the workflow run in ``workdir``."""
+    return json.loads(Path(RunFiles(str(workdir / RESULTS)).run_stats).read_text())
+
+
 def run_workflow(workdir: Path, config: dict, cores: int) -> dict:
     """One ``snakemake`` run (this Python's) of ``config`` in a fresh ``workdir``; its wall time and CPU seconds.
 
@@ -313,8 +326,6 @@ def wait_ready(run_dir: Path, model: str, count: int, processes: list, timeout: 
 
 def stop_daemons(run_dir: Path, processes: list, daemon_ids: list[str]) -> list[dict]:
     """Stop the daemons, wait for them, and return their statistics files' contents."""
-    import json
-
     from virnucpro.serving.client import stop_daemons as ask_to_stop
 
     ask_to_stop(run_dir)

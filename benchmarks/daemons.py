@@ -24,8 +24,8 @@ per-shard overhead of a warm daemon.
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -60,10 +60,11 @@ def run_workflow(workdir: Path, mode: str, reads: Path, models: dict[str, Path],
     """One snakemake run in a fresh ``workdir``; its wall time, CPU seconds, shards and model loads."""
     config = _common.workflow_config(SAMPLE, reads, models, devices=["cpu"], shard_size=shard_size, mode=mode)
     run = _common.run_workflow(workdir, config, cores)
-    shards = len(list((workdir / "results" / SAMPLE / "work" / "embeddings").glob("*.esm2.pt")))
+    sample = _common.sample_files(workdir, SAMPLE)
+    shards = sum(os.path.exists(sample.embedding(shard, "esm2")) for shard in sample.shard_files.names())
     embed_logs = sorted((workdir / "logs" / "embed").glob("*/*.log"))
     if mode == "daemon":
-        stats = json.loads((workdir / "results" / "run_stats.json").read_text())
+        stats = _common.run_stats(workdir)
         loads = stats["model_loads"]
         detail = ", ".join(f"{d['daemon_id']}: {d['model_loads']} load(s), {d['shards']} shards, load "
                            f"{d['load_seconds']:.1f} s" for d in stats["daemons"])  # fmt: skip
@@ -75,10 +76,10 @@ def run_workflow(workdir: Path, mode: str, reads: Path, models: dict[str, Path],
 
 
 def same_outputs(first: Path, second: Path) -> bool:
-    names = ("prediction_results.txt", "prediction_results_highestscore.csv", "reads.tsv")
+    tables = [_common.sample_files(workdir, SAMPLE) for workdir in (first, second)]
     return all(
-        (first / "results" / SAMPLE / name).read_bytes() == (second / "results" / SAMPLE / name).read_bytes()
-        for name in names
+        Path(getattr(tables[0], name)).read_bytes() == Path(getattr(tables[1], name)).read_bytes()
+        for name in ("prediction_results", "highest_scores", "reads_table")
     )
 
 

@@ -466,13 +466,15 @@ def main() -> int:
     snapshot = _common.dnabert_snapshot(args.dir, *plan["dnabert"])
 
     data_started = time.perf_counter()
+    from virnucpro.layout import ShardFiles, shard_name
     from virnucpro.prep.shard import shard_frames
 
     reads = _common.generate_reads(args.dir / "reads.fa", plan["frames"], 500, seed=3)
     nucleotide, protein = _common.make_frames(reads, 500, args.dir)
     shards = args.dir / "shards"
     shard_frames(nucleotide, protein, plan["frames"], shards)
-    shard = (shards / "shard_00000.fa", shards / "shard_00000.faa")
+    first = ShardFiles(str(shards))
+    shard = (Path(first.nucleotide(shard_name(0))), Path(first.protein(shard_name(0))))
     slices, proteins = _common.read_sequences(shard[0]), _common.read_sequences(shard[1])
     results["frames"], results["data_s"] = len(proteins), time.perf_counter() - data_started
     print(f"{len(proteins)} frames in the shard ({results['data_s']:.0f} s)", flush=True)

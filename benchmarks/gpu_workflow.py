@@ -26,7 +26,6 @@ small shapes and the daemons on the CPU (to check the script, not to measure any
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -71,7 +70,7 @@ def same_answers(directory: Path, cores: int, gpu: str, esm2_engine: str) -> dic
             devices=[device], shard_size=25, precision="fp32", esm2_engine=esm2_engine)  # fmt: skip
         runs[name] = _common.run_workflow(directory / f"demo-{name}", config, cores)
         print(f"  demo reads, daemons on {device}: {runs[name]['wall']:.1f} s", flush=True)
-    tables = [run["workdir"] / "results" / SAMPLE / "prediction_results.txt" for run in runs.values()]
+    tables = [Path(_common.sample_files(run["workdir"], SAMPLE).prediction_results) for run in runs.values()]
     return {"wall_s": {name: run["wall"] for name, run in runs.items()}, **compare_predictions(*tables)}
 
 
@@ -126,7 +125,7 @@ def whole_run(directory: Path, plan: dict, reads: int, precision: str, cores: in
                                      devices=[device], shard_size=plan["shard_size"], precision=precision,
                                      esm2_engine=esm2_engine)  # fmt: skip
     run = _common.run_workflow(directory / f"run_{reads}", config, cores)
-    stats = json.loads((run["workdir"] / "results" / "run_stats.json").read_text())
+    stats = _common.run_stats(run["workdir"])
     daemons = [{key: entry.get(key) for key in ("daemon_id", "model", "device", "model_loads", "load_seconds", "shards",
                                                 "sequences", "tokens", "compute_seconds", "tokens_per_second",
                                                 "peak_gpu_memory_bytes")}

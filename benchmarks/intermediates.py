@@ -27,7 +27,8 @@ import shutil
 import time
 from pathlib import Path
 
-from benchmarks._common import command_line, generate_reads, load_average, machine
+from benchmarks._common import command_line, generate_reads, load_average, machine, sample_files
+from virnucpro.layout import SampleFiles, shard_name
 
 REAL_WIDTHS = {"esm2": 2560, "dnabert_s": 768}  # floats per frame in the real models' embeddings
 TEST_WIDTH = 64  # both test models' widths (virnucpro.testmodels)
@@ -67,15 +68,15 @@ def random_embeddings(fasta: Path, output: Path, width: int, seed: int) -> None:
     write_embeddings(output, ids, vectors)
 
 
-def run_sample(reads: Path, work: Path, classifier_path: Path) -> tuple[dict[str, float], int, list]:
-    """The workflow's steps on one sample in ``work`` (its results/{sample}/work layout): seconds per step,
+def run_sample(reads: Path, files: SampleFiles, classifier_path: Path) -> tuple[dict[str, float], int, list]:
+    """The workflow's steps on one sample, its files where the workflow puts them (``files``): seconds per step,
     the number of frames, and the shards (``virnucpro.resume.Shard``)."""
     from virnucpro.classify.classifier import load_classifier
     from virnucpro.classify.predictions import classify_embedded
     from virnucpro.engines.embed import read_embeddings
     from virnucpro.outputs.aggregate import aggregate_sample
     from virnucpro.prep.chunk import chunk_fasta
-    from virnucpro.prep.shard import shard_frames, shard_name
+    from virnucpro.prep.shard import shard_frames
     from virnucpro.prep.translate import translate_fasta
     from virnucpro.resume import Shard
 
@@ -87,20 +88,20 @@ def run_sample(reads: Path, work: Path, classifier_path: Path) -> tuple[dict[str
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
         return result
 
-    step("chunk", chunk_fasta, reads, 500, work / "chunked.fa", reads_table=work / "reads_index.tsv")
-    nucleotide, protein = work / "identified_nucleotide.fa", work / "identified_protein.faa"
-    summary = step("translate", translate_fasta, work / "chunked.fa", nucleotide, protein)
-    count = step("shard", shard_frames, nucleotide, protein, SHARD_SIZE, work / "shards")
+    step("chunk", chunk_fasta, reads, 500, Path(files.chunked), reads_table=Path(files.reads_index))
+    nucleotide, protein = Path(files.nucleotide_frames), Path(files.protein_frames)
+    summary = step("translate", translate_fasta, Path(files.chunked), nucleotide, protein)
+    count = step("shard", shard_frames, nucleotide, protein, SHARD_SIZE, Path(files.shards))
     classifier = load_classifier(classifier_path)
     shards, predictions = [], []
     for index in range(count):
         name = shard_name(index)
-        inputs = {"dnabert_s": work / "shards" / f"{name}.fa", "esm2": work / "shards" / f"{name}.faa"}
-        embeddings = {model: work / "embeddings" / f"{name}.{model}.pt" for model in inputs}
+        inputs = {model: Path(files.shard_input(name, model)) for model in ("dnabert_s", "esm2")}
+        embeddings = {model: Path(files.embedding(name, model)) for model in inputs}
         for seed, model in enumerate(inputs):
             step("write embeddings (random vectors)", random_embeddings, inputs[model], embeddings[model],
                  TEST_WIDTH, index * 2 + seed)  # fmt: skip
-        prediction = work / "predictions" / f"{name}.tsv"
+        prediction = Path(files.predictions(name))
         dnabert, esm = step("classify: read embeddings", lambda paths: [read_embeddings(p) for p in paths],
                             [embeddings["dnabert_s"], embeddings["esm2"]])  # fmt: skip
         step("classify: merge, score, write", classify_embedded, inputs["dnabert_s"], dnabert, esm, classifier,
@@ -108,8 +109,8 @@ def run_sample(reads: Path, work: Path, classifier_path: Path) -> tuple[dict[str
         predictions.append(prediction)
         shards.append(Shard((str(inputs["dnabert_s"]), str(inputs["esm2"])),
                             tuple(str(embeddings[m]) for m in ("esm2", "dnabert_s")), str(prediction)))  # fmt: skip
-    step("aggregate", aggregate_sample, sample="bench", reads_table=work / "reads_index.tsv", nucleotide=nucleotide,
-         predictions=predictions, manifest=None, output_dir=work.parent)  # fmt: skip
+    step("aggregate", aggregate_sample, sample="bench", reads_table=Path(files.reads_index), nucleotide=nucleotide,
+         predictions=predictions, manifest=None, output_dir=Path(files.folder))  # fmt: skip
     return seconds, summary.frames, shards
 
 
@@ -155,8 +156,8 @@ def main() -> None:
     print(load_average())
     root = args.dir.resolve()
     shutil.rmtree(root, ignore_errors=True)
-    work = root / "results" / "bench" / "work"
-    work.mkdir(parents=True)
+    sample = sample_files(root, "bench")
+    Path(sample.work).mkdir(parents=True)
     classifier = make_test_models(root / "models")["classifier_500"]
     started = time.perf_counter()
     reads = generate_reads(root / "reads.fa", args.reads, 500)
@@ -165,12 +166,11 @@ def main() -> None:
     checksum = Timer(embed, "embeddings_checksum")
     try:
         started = time.perf_counter()
-        seconds, frames, shards = run_sample(reads, work, classifier)
+        seconds, frames, shards = run_sample(reads, sample, classifier)
         total = time.perf_counter() - started
     finally:
         checksum.restore()
-    files = [(str(work / name), TABLE if name.endswith(".tsv") else FILE)
-             for name in ("chunked.fa", "reads_index.tsv", "identified_nucleotide.fa", "identified_protein.faa")]  # fmt: skip
+    files = [(path, TABLE if path.endswith(".tsv") else FILE) for path in sample.intermediates]
     check_intermediates(files, shards)  # a first pass: the page cache as a re-run finds it
     passes = []
     for _ in range(3):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
 import shutil
@@ -92,16 +93,17 @@ def eta_run(directory: Path, reads: int, shard_size: int, every: float, poll: fl
     if process.returncode != 0:
         raise SystemExit(f"snakemake failed ({process.returncode}):\n" + "\n".join(line for _, line in lines[-40:]))
     ends = {}
+    sample = _common.sample_files(workdir, "bench")
+    shards = sample.shard_files.names()
     for model in ("esm2", "dnabert_s"):
-        files = list((workdir / "results" / "bench" / "work" / "embeddings").glob(f"*.{model}.pt"))
-        ends[model] = max(path.stat().st_mtime for path in files)
+        ends[model] = max(os.stat(sample.embedding(shard, model)).st_mtime for shard in shards)
     for estimate in estimates:
         actual = ends[estimate["model"]] - estimate["time"]
         estimate["actual_left"] = actual
         estimate["error"] = estimate["left"] - actual
     said = [(moment - started, line) for moment, line in lines if line.startswith("progress ")]
     return {"workdir": workdir, "estimates": estimates, "esm2": Path(models["esm2"]).name, "said": said, "ends": {m: e - started for m, e in ends.items()},
-            "shards": len(list((workdir / "results" / "bench" / "work" / "shards").glob("*.faa")))}  # fmt: skip
+            "shards": len(shards)}  # fmt: skip
 
 
 def status_cost(run_dir: Path, repeats: int = 10) -> dict:

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks._common import REPO, command_line
+from benchmarks._common import REPO, command_line, sample_files
+from virnucpro.layout import shard_name
 
 SAMPLE = "big"
 BIN = Path(sys.executable).parent
@@ -71,13 +72,12 @@ def write_config(workdir: Path) -> Path:
 def write_sample(workdir: Path, reads: int, seed: int = 0) -> dict[str, int]:
     """The finished outputs of a sample of ``reads`` reads; returns counts (reads, frames, shards)."""
     rng = random.Random(seed)
-    sample = workdir / "results" / SAMPLE
-    work = sample / "work"
-    for folder in ("shards", "embeddings", "predictions"):
-        (work / folder).mkdir(parents=True, exist_ok=True)
+    files = sample_files(workdir, SAMPLE)
+    for folder in (files.shards, files.embeddings, files.predictions_folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
     frames_total = virus_reads = 0
     chunks_virus: list[tuple[str, bool]] = []
-    with open(sample / "reads.tsv", "w") as reads_out, open(sample / "prediction_results.txt", "w") as frames_out:
+    with open(files.reads_table, "w") as reads_out, open(files.prediction_results, "w") as frames_out:
         reads_out.write(READS_HEADER)
         frames_out.write(PREDICTION_HEADER)
         for index in range(reads):
@@ -101,25 +101,22 @@ def write_sample(workdir: Path, reads: int, seed: int = 0) -> dict[str, int]:
                 )
             else:
                 reads_out.write(f"{read_id}\t500\t1\t0\t0\t0\t\tunclassified\tno stop-free frame\n")
-    with open(sample / "prediction_results_highestscore.csv", "w") as out:
+    with open(files.highest_scores, "w") as out:
         out.write("Modified_ID\tIs_Virus\n")
         for chunk_id, is_virus in sorted(chunks_virus):
             out.write(f"{chunk_id}\t{is_virus}\n")
-    with open(sample / "failures.tsv", "w") as out:
+    with open(files.failures, "w") as out:
         out.write(FAILURES_HEADER)
         for shard in range(3):
-            out.write(f"2026-01-01T00:00:00+00:00\t{SAMPLE}\tembed_esm2\tshard_{shard:05d}\t\tOutOfMemoryError\t"
+            out.write(f"2026-01-01T00:00:00+00:00\t{SAMPLE}\tembed_esm2\t{shard_name(shard)}\t\tOutOfMemoryError\t"
                       "CUDA out of memory\t2\tesm2-0\n")  # fmt: skip
     shards = max(1, -(-frames_total // 10000))
-    placeholders = [work / name for name in ("chunked.fa", "reads_index.tsv", "identified_nucleotide.fa",
-                                             "identified_protein.faa")]  # fmt: skip
-    for shard in range(shards):
-        name = f"shard_{shard:05d}"
-        placeholders += [work / "shards" / f"{name}.fa", work / "shards" / f"{name}.faa",
-                         work / "embeddings" / f"{name}.esm2.pt", work / "embeddings" / f"{name}.dnabert_s.pt",
-                         work / "predictions" / f"{name}.tsv"]  # fmt: skip
+    placeholders = list(files.intermediates)
+    for name in map(shard_name, range(shards)):
+        placeholders += [files.shard_nucleotide(name), files.shard_protein(name), files.embedding(name, "esm2"),
+                         files.embedding(name, "dnabert_s"), files.predictions(name)]  # fmt: skip
     for path in placeholders:
-        path.write_text("placeholder\n")
+        Path(path).write_text("placeholder\n")
     # Inputs older than outputs, as after a run.
     now = time.time()
     for path in placeholders:
@@ -152,9 +149,9 @@ def report(workdir: Path, snakefile: Path, config: Path, name: str) -> tuple[flo
 
 def embedded_files(workdir: Path) -> list[tuple[str, int]]:
     """The sample's files that the current rules mark for the report, with their sizes."""
-    sample = workdir / "results" / SAMPLE
-    names = ["plots/scores.png", "plots/verdicts.png", "plots/failures.png", "plots/summary.html"]
-    return [(f"results/{SAMPLE}/{name}", (sample / name).stat().st_size) for name in names]
+    return [
+        (os.path.relpath(path, workdir), os.stat(path).st_size) for path in sample_files(workdir, SAMPLE).plots.files
+    ]
 
 
 def export_workflow(revision: str, target: Path) -> Path:
@@ -189,13 +186,13 @@ def main() -> None:
     counts = write_sample(workdir, args.reads)
     print(f"synthetic sample: {counts['reads']:,} reads, {counts['frames']:,} frames, {counts['virus_reads']:,} "
           f"virus reads, {counts['shards']} shards; written in {time.perf_counter() - started:.1f} s")  # fmt: skip
-    sample = workdir / "results" / SAMPLE
-    for name in ("reads.tsv", "prediction_results.txt", "prediction_results_highestscore.csv", "failures.tsv"):
-        print(f"  {name}: {megabytes((sample / name).stat().st_size)}")
+    files = sample_files(workdir, SAMPLE)
+    for path in (files.reads_table, files.prediction_results, files.highest_scores, files.failures):
+        print(f"  {os.path.basename(path)}: {megabytes(os.stat(path).st_size)}")
 
-    plots = [str(BIN / "virnucpro"), "report-plots", "--sample", SAMPLE, "--reads-table", str(sample / "reads.tsv"),
-             "--predictions", str(sample / "prediction_results.txt"), "--failures", str(sample / "failures.tsv"),
-             "--output-dir", str(sample / "plots")]  # fmt: skip
+    plots = [str(BIN / "virnucpro"), "report-plots", "--sample", SAMPLE, "--reads-table", files.reads_table,
+             "--predictions", files.prediction_results, "--failures", files.failures,
+             "--output-dir", files.plots.folder]  # fmt: skip
     seconds, peak, _ = run(plots, workdir)
     print(f"virnucpro report-plots: {seconds:.1f} s, peak RSS {peak:,.0f} MB")
     for name, size in embedded_files(workdir):

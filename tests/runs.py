@@ -15,13 +15,13 @@ from pathlib import Path
 
 import yaml
 
+from virnucpro.layout import RESULTS, RunFiles, SampleFiles
+
 REPO = Path(__file__).resolve().parent.parent
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 DEMO_READS = REPO / "tests" / "data" / "demo_reads.fa"
 DEMO_SCRIPT = REPO / "scripts" / "demo.sh"
 BIN = Path(sys.executable).parent
-SAMPLE_OUTPUTS = ("prediction_results.txt", "prediction_results_highestscore.csv", "reads.tsv", "failures.tsv")
-COMPARED = ("prediction_results.txt", "prediction_results_highestscore.csv", "reads.tsv")
 ABSENT_MODELS = {"esm2": "absent/esm2.pt", "dnabert_s": "absent/DNABERT-S", "classifier_500": "absent/500_model.pth"}
 SLURM_PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
 IDLE_TIMEOUT = 300  # far above a run's length: a daemon that only stops by idling makes a test fail
@@ -109,8 +109,18 @@ def run_output_of(run: subprocess.Popen) -> str:
     return path.read_text()[-8000:] if path.exists() else ""
 
 
+def sample_files(workdir: Path, sample: str = "demo") -> SampleFiles:
+    """The files of a sample of the run in `workdir` (``virnucpro.layout``; tests/test_layout.py pins the names)."""
+    return SampleFiles(sample, str(workdir / RESULTS))
+
+
+def run_files(workdir: Path) -> RunFiles:
+    """The run's own files under `workdir`'s results/."""
+    return RunFiles(str(workdir / RESULTS))
+
+
 def embeddings(workdir: Path, sample: str = "demo") -> list[Path]:
-    return sorted((workdir / "results" / sample / "work" / "embeddings").glob("*.pt"))
+    return sorted(Path(sample_files(workdir, sample).embeddings).glob("*.pt"))
 
 
 def wait_for_embeddings(workdir: Path, run: subprocess.Popen, count: int, sample: str = "demo") -> None:
@@ -119,7 +129,7 @@ def wait_for_embeddings(workdir: Path, run: subprocess.Popen, count: int, sample
 
 
 def shard_count(workdir: Path, sample: str = "demo") -> int:
-    return len(list((workdir / "results" / sample / "work" / "shards").glob("shard_*.fa")))
+    return len(sample_files(workdir, sample).shard_files.names())
 
 
 def read_ids(fasta: Path) -> list[str]:
@@ -135,14 +145,20 @@ def line_with(text: str, needle: str) -> str:
 
 
 def run_stats(workdir: Path) -> dict:
-    return json.loads((workdir / "results" / "run_stats.json").read_text())
+    return json.loads(Path(run_files(workdir).run_stats).read_text())
 
 
 def assert_same_outputs(workdir: Path, reference: Path, sample: str = "demo") -> None:
-    """The sample's compared outputs are byte-identical to those of the reference run."""
-    for name in COMPARED:
-        expected = (reference / "results" / sample / name).read_bytes()
-        assert (workdir / "results" / sample / name).read_bytes() == expected, name
+    """The sample's compared outputs (all but failures.tsv, whose entries hold times) are byte-identical to
+    those of the reference run."""
+    for made, expected in zip(
+        compared_outputs(sample_files(workdir, sample)), compared_outputs(sample_files(reference, sample))
+    ):
+        assert Path(made).read_bytes() == Path(expected).read_bytes(), made
+
+
+def compared_outputs(files: SampleFiles) -> tuple[str, ...]:
+    return (files.prediction_results, files.highest_scores, files.reads_table)
 
 
 # --- processes ---------------------------------------------------------------------------------

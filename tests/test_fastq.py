@@ -13,10 +13,10 @@ import pytest
 from virnucpro.cli import main
 from virnucpro.errors import UserError
 from virnucpro.fasta import read_fasta, read_reads
+from virnucpro.layout import RESULTS, SampleFiles
 from virnucpro.prep.chunk import chunk_fasta
 
 DEMO_READS = Path(__file__).resolve().parent / "data" / "demo_reads.fa"
-OUTPUTS = ("prediction_results.txt", "prediction_results_highestscore.csv", "reads.tsv", "failures.tsv")
 
 
 def fastq_text(fasta: Path, width: int | None = None, repeat_header: bool = False, seed: int = 0) -> str:
@@ -164,16 +164,17 @@ def test_chunk_refuses_a_truncated_fastq_and_writes_nothing(tmp_path):
 def test_predict_gives_byte_identical_outputs_from_fastq_fastq_gz_and_fasta(tmp_path, test_models):
     fastq = write(tmp_path / "demo.fq", fastq_text(DEMO_READS, 60, repeat_header=True))
     fastq_gz = write(tmp_path / "demo.fastq.gz", gzip.compress(fastq_text(DEMO_READS).encode()))
-    results = {}
+    made = {}
     for source in (DEMO_READS, fastq, fastq_gz):
         out = tmp_path / f"out-{source.name}"
         assert main(["-q", "predict", str(source), "--length", "500", "--esm2", str(test_models["esm2"]),
                      "--dnabert-s", str(test_models["dnabert_s"]), "--classifier", str(test_models["classifier_500"]),
                      "--output-dir", str(out), "--shard-size", "50"]) == 0  # fmt: skip
-        results[source.name] = {name: (out / name).read_bytes() for name in OUTPUTS}
+        made[source.name] = SampleFiles.at(out)
+    results = {name: [Path(path).read_bytes() for path in files.outputs] for name, files in made.items()}
     assert results["demo.fq"] == results[DEMO_READS.name]
     assert results["demo.fastq.gz"] == results[DEMO_READS.name]
-    assert results[DEMO_READS.name]["reads.tsv"].count(b"\n") == 1 + len(fasta_records())
+    assert Path(made[DEMO_READS.name].reads_table).read_bytes().count(b"\n") == 1 + len(fasta_records())
 
 
 @pytest.mark.slow
@@ -207,6 +208,7 @@ def test_the_workflow_gives_the_same_outputs_for_fastq_gz_and_fasta(tmp_path, te
                             cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stdout[-5000:]
-    for name in OUTPUTS:
-        assert (tmp_path / "results" / "fq" / name).read_bytes() == (tmp_path / "results" / "fa" / name).read_bytes()
-    assert (tmp_path / "results" / "fq" / "reads.tsv").read_text().count("\n") == 5
+    fq, fa = (SampleFiles(sample, str(tmp_path / RESULTS)) for sample in ("fq", "fa"))
+    for made, expected in zip(fq.outputs, fa.outputs):
+        assert Path(made).read_bytes() == Path(expected).read_bytes(), made
+    assert Path(fq.reads_table).read_text().count("\n") == 5

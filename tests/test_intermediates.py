@@ -22,10 +22,11 @@ from test_run_rules import configure, copy_of, jobs_of, reference, workdir  # no
 from virnucpro.cli import main
 from virnucpro.engines.embed import embedding_file_damage, read_embeddings, write_embeddings
 from virnucpro.errors import UserError
+from virnucpro.layout import RunFiles, SampleFiles
 from virnucpro.manifest import read_failures
 from virnucpro.tables import read_rows, table_damage
 
-WORK = Path("results") / "demo" / "work"
+DEMO = SampleFiles("demo")  # relative to the run's folder, as the run's messages name the files
 
 
 # --- the checks themselves --------------------------------------------------------------------------
@@ -91,18 +92,18 @@ def test_the_documented_retry_of_a_shard_that_failed_under_continue_redoes_it(wo
     prepared = snakemake(workdir, "--cores", "3", "--configfile", str(workdir / "config.yaml"),
                          "--until", "shard_frames")  # fmt: skip
     assert prepared.returncode == 0, prepared.stdout[-5000:]
-    shard = workdir / WORK / "shards" / "shard_00002.faa"
+    shard = workdir / DEMO.shard_protein("shard_00002")
     good, stamp = shard.read_bytes(), shard.stat()
     shard.write_bytes(b"not a FASTA file\n")  # a transient fault: the file read back wrong for a while
     failed = run_workflow(workdir)
     assert failed.returncode == 0, failed.stdout[-10000:]  # continue: the run completes
     [entry] = read_failures(workdir / ".virnucpro" / "failures.tsv")
     assert (entry["shard"], entry["stage"]) == ("shard_00002", "embed_esm2")
-    assert "embedding failed" in (workdir / "results" / "demo" / "reads.tsv").read_text()
+    assert "embedding failed" in (workdir / DEMO.reads_table).read_text()
 
     shard.write_bytes(good)  # the fault is gone: the file is as it was, its time too (restored from a copy)
     os.utime(shard, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
-    for embedding in (workdir / WORK / "embeddings").glob("shard_00002.*.pt"):
+    for embedding in (workdir / DEMO.embeddings).glob("shard_00002.*.pt"):
         embedding.unlink()  # what config/README.md says to do
     retried = run_workflow(workdir)
     assert retried.returncode == 0, retried.stdout[-10000:]
@@ -110,7 +111,7 @@ def test_the_documented_retry_of_a_shard_that_failed_under_continue_redoes_it(wo
         assert jobs_of(retried.stdout, rule) == jobs, (rule, retried.stdout[-5000:])
     assert_same_outputs(workdir, reference)
     assert read_failures(workdir / ".virnucpro" / "failures.tsv") == []
-    assert (workdir / "results" / "demo" / "failures.tsv").read_text().count("\n") == 1  # the header alone
+    assert (workdir / DEMO.failures).read_text().count("\n") == 1  # the header alone
     assert "Nothing to be done" in dry_run(workdir).stdout
 
 
@@ -131,14 +132,10 @@ def cut_table(path: Path) -> None:
 
 
 DAMAGE = {
-    "embedding cut short": (WORK / "embeddings" / "shard_00001.esm2.pt", cut_embedding, "not a whole zip archive"),
-    "embedding bytes damaged": (WORK / "embeddings" / "shard_00004.dnabert_s.pt", flip_a_bit, "its checksum"),
-    "prediction table cut short": (
-        WORK / "predictions" / "shard_00003.tsv",
-        cut_table,
-        "its last line is not its end line",
-    ),
-    "reads index cut short": (WORK / "reads_index.tsv", cut_table, "its last line is not its end line"),
+    "embedding cut short": (DEMO.embedding("shard_00001", "esm2"), cut_embedding, "not a whole zip archive"),
+    "embedding bytes damaged": (DEMO.embedding("shard_00004", "dnabert_s"), flip_a_bit, "its checksum"),
+    "prediction table cut short": (DEMO.predictions("shard_00003"), cut_table, "its last line is not its end line"),
+    "reads index cut short": (DEMO.reads_index, cut_table, "its last line is not its end line"),
 }
 
 
@@ -167,12 +164,14 @@ def test_a_damaged_intermediate_is_named_in_one_line_and_made_again_once_deleted
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("missing", ["predictions/shard_00003.tsv", "embeddings/shard_00002.esm2.pt", "chunked.fa"])
+@pytest.mark.parametrize(
+    "missing", [DEMO.predictions("shard_00003"), DEMO.embedding("shard_00002", "esm2"), DEMO.chunked]
+)
 def test_a_missing_intermediate_is_made_again_with_every_step_after_it(workdir, reference, missing):
     """Issue 17, case 2: with a shard's prediction gone (its classify job failed after a damaged embedding),
     the next run said "Nothing to be done". A dry run changes nothing and plans the file and what follows."""
     copy_of(reference, workdir)
-    (workdir / WORK / missing).unlink()
+    (workdir / missing).unlink()
     before = snapshot(workdir)
     dry = dry_run(workdir)
     assert dry.returncode == 0 and "Nothing to be done" not in dry.stdout, dry.stdout[-5000:]
@@ -180,7 +179,7 @@ def test_a_missing_intermediate_is_made_again_with_every_step_after_it(workdir, 
     assert snapshot(workdir) == before
     result = run_workflow(workdir)
     assert result.returncode == 0, result.stdout[-10000:]
-    assert (workdir / WORK / missing).exists()
+    assert (workdir / missing).exists()
     assert_same_outputs(workdir, reference)
     assert "Nothing to be done" in dry_run(workdir).stdout
 
@@ -201,9 +200,10 @@ def test_a_report_after_a_run_with_a_failed_sample_shows_the_finished_one_and_wh
     report = snakemake(workdir, "--report", str(workdir / "report.html"), "--configfile", str(workdir / "config.yaml"))
     assert report.returncode == 0, report.stdout[-5000:]
     page = (workdir / "report.html").read_text()
-    for name in ("scores.png", "verdicts.png", "failures.png", "summary.html"):
-        assert f"results/demo/plots/{name}" in page, name
-    assert "results/bad/" not in page.replace("results/bad/plots", "")  # nothing of it as a result
+    for path in DEMO.plots.files:
+        assert path in page, path
+    bad = SampleFiles("bad")
+    assert f"{bad.folder}/" not in page.replace(bad.plots.folder, "")  # nothing of it as a result
     assert "Samples not finished" in page
     items = [re.sub(r"<[^>]+>", "", item) for item in re.findall(r"<li>(.*?)</li>", html.unescape(page))]
     [listed] = [item for item in items if item.startswith("bad: ")]
@@ -216,4 +216,4 @@ def test_a_report_after_a_run_with_a_failed_sample_shows_the_finished_one_and_wh
 
 
 def without_daemon_stats(files: dict[str, tuple]) -> dict[str, tuple]:
-    return {name: value for name, value in files.items() if not name.startswith("results/daemons/")}
+    return {name: value for name, value in files.items() if not name.startswith(f"{RunFiles().daemons}/")}

@@ -1,4 +1,5 @@
-"""The package's layers point down: no import circles, and the model modules import nothing from their loaders."""
+"""The package's layers point down: each module imports only from its own layer or those below (LAYERS), there
+are no import circles, and the model modules import nothing from their loaders."""
 
 from __future__ import annotations
 
@@ -6,6 +7,17 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "virnucpro"
+LAYERS = (
+    # the base: formats, file names, writing files, the failure manifest (and the package itself, for its version)
+    {"virnucpro", "errors", "atomic", "fasta", "tables", "layout", "fingerprint", "manifest"},
+    {"prep", "engines"},  # the steps before the classifier: reads to shards; the models' embeddings
+    {"classify"},  # embeddings to predictions
+    {"outputs"},  # predictions to a sample's tables and report
+    {"serving", "resume"},  # the workflow's runs: the model daemons, and what a re-run trusts of earlier files
+    {"pipeline", "testmodels", "cli", "__main__"},  # the whole method in one process, the commands
+)
+"""Top-level modules and packages of ``virnucpro`` from the bottom up: a module may import from its own layer
+and those below, never from one above."""
 
 
 def module_name(path: Path) -> str:
@@ -64,6 +76,31 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def layer_of(module: str) -> int:
+    """The index in LAYERS of a module (by its top-level module or package under ``virnucpro``)."""
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else parts[0]
+    for index, layer in enumerate(LAYERS):
+        if top in layer:
+            return index
+    raise AssertionError(f"{module} is in no layer: add {top!r} to LAYERS in tests/test_layers.py")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """The (importer, imported) pairs where a module imports from a layer above its own."""
+    return sorted((name, target) for name, targets in graph.items() for target in targets
+                  if layer_of(target) > layer_of(name))  # fmt: skip
+
+
+def test_every_import_points_down_the_layers():
+    assert upward_imports(import_graph()) == []
+
+
+def test_the_layer_check_finds_an_arrow_up():
+    graph = {"virnucpro.classify.x": {"virnucpro.outputs.y", "virnucpro.layout"}, "virnucpro.outputs.y": set()}
+    assert upward_imports(graph) == [("virnucpro.classify.x", "virnucpro.outputs.y")]
+
+
 def test_the_package_has_no_import_circles():
     assert cycles(import_graph()) == []
 
@@ -75,12 +112,8 @@ def test_the_model_modules_import_nothing_from_their_loaders():
     assert graph["virnucpro.engines.dnabert_config"] <= {"virnucpro.errors"}
 
 
-def test_the_engines_do_not_write_models_and_the_table_format_does_not_need_predict():
-    graph = import_graph()
-    for name, targets in graph.items():
-        if name.startswith("virnucpro.engines."):
-            assert "virnucpro.testmodels" not in targets, name
-    assert "virnucpro.classify.predict" not in graph["virnucpro.outputs.aggregate"]
+def test_the_file_names_module_is_a_leaf():
+    assert import_graph()["virnucpro.layout"] == set()
 
 
 def test_the_cycle_finder_finds_a_circle():

@@ -10,6 +10,7 @@ import pytest
 from virnucpro.cli import main
 from virnucpro.errors import UserError
 from virnucpro.fasta import read_fasta
+from virnucpro.layout import SampleFiles
 from virnucpro.manifest import append_failure, read_failures
 from virnucpro.outputs.aggregate import aggregate_sample, chunk_of, read_of
 from virnucpro.outputs.report import summarize_sample, summary_page
@@ -33,8 +34,8 @@ def write_reads(path: Path, ids: list[str], sequences: list[str]) -> Path:
     return path
 
 
-def lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").splitlines()
+def lines(path: Path | str) -> list[str]:
+    return Path(path).read_text(encoding="utf-8").splitlines()
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +54,15 @@ def runs(tmp_path_factory, test_models):
         assert main(["-q", "predict", str(reads), "--length", "300", "--esm2", str(test_models["esm2"]),
                      "--dnabert-s", str(test_models["dnabert_s"]), "--classifier", str(test_models["classifier_300"]),
                      "--output-dir", str(out), "--shard-size", "7"]) == 0  # fmt: skip
-        outputs[name] = (out, ids)
+        outputs[name] = (SampleFiles.at(out), ids)
     return outputs
 
 
 def test_every_read_appears_once_in_reads_tsv_with_its_exact_id(runs):
     out, ids = runs["odd"]
-    rows = list(read_rows(out / "reads.tsv", READS_COLUMNS))
+    rows = list(read_rows(Path(out.reads_table), READS_COLUMNS))
     assert [row["read_id"] for row in rows] == ids
-    assert len(lines(out / "reads.tsv")) == len(ids) + 1
+    assert len(lines(out.reads_table)) == len(ids) + 1
     by_id = {row["read_id"]: row for row in rows}
     for read_id in ODD_IDS:
         assert int(by_id[read_id]["frames"]) > 0 and by_id[read_id]["verdict"] in ("virus", "others"), read_id
@@ -79,26 +80,25 @@ def test_the_outputs_are_those_of_plain_ids_with_only_the_ids_changed(runs):
         read_id, _, chunk = first.rpartition("_chunk_") if "_chunk_" in first else (first, "", "")
         return f"{rename[read_id]}_chunk_{chunk}\t{rest}" if chunk else f"{rename[read_id]}\t{rest}"
 
-    for name in ("reads.tsv", "prediction_results.txt"):
-        expected = [lines(plain / name)[0]] + [renamed(line) for line in lines(plain / name)[1:]]
-        assert lines(odd / name) == expected, name
-    name = "prediction_results_highestscore.csv"
-    assert sorted(lines(odd / name)[1:]) == sorted(renamed(line) for line in lines(plain / name)[1:])
+    for made, table in ((odd.reads_table, plain.reads_table), (odd.prediction_results, plain.prediction_results)):
+        expected = [lines(table)[0]] + [renamed(line) for line in lines(table)[1:]]
+        assert lines(made) == expected, made
+    assert sorted(lines(odd.highest_scores)[1:]) == sorted(renamed(line) for line in lines(plain.highest_scores)[1:])
 
 
 def test_the_published_files_write_ids_as_they_are_with_no_quoting(runs):
     """As the published tool's f"{id}\\t..." lines: an ID is written verbatim, never quoted or escaped."""
     out, _ = runs["odd"]
-    frames = [line.split("\t")[0] for line in lines(out / "prediction_results.txt")[1:]]
+    frames = [line.split("\t")[0] for line in lines(out.prediction_results)[1:]]
     assert {read_of(chunk_of(frame)) for frame in frames} == set(ODD_IDS)
-    assert any(line.startswith('"a_chunk_1') for line in lines(out / "prediction_results.txt"))
-    assert any(line.startswith('c"_chunk_1\t') for line in lines(out / "prediction_results_highestscore.csv"))
-    assert any(line.startswith("back\\slash_chunk_1") for line in lines(out / "prediction_results.txt"))
+    assert any(line.startswith('"a_chunk_1') for line in lines(out.prediction_results))
+    assert any(line.startswith('c"_chunk_1\t') for line in lines(out.highest_scores))
+    assert any(line.startswith("back\\slash_chunk_1") for line in lines(out.prediction_results))
 
 
 def test_the_report_summary_keeps_the_ids_and_escapes_them_in_html(runs):
     out, ids = runs["odd"]
-    summary = summarize_sample("odd", out / "reads.tsv", out / "prediction_results.txt", out / "failures.tsv")
+    summary = summarize_sample("odd", Path(out.reads_table), Path(out.prediction_results), Path(out.failures))
     assert summary.reads == len(ids)
     assert [row["read_id"] for row in summary.preview] == ids
     assert {row["read_id"] for row in summary.top_reads} <= set(ODD_IDS)
@@ -125,14 +125,14 @@ def test_aggregate_reads_failures_of_odd_ids_and_writes_them_back_exactly(tmp_pa
     manifest = tmp_path / "failures.tsv"
     append_failure(manifest, sample="s", stage="embed_esm2", shard="shard_00000", sequence_id='"a_chunk_1F1',
                    error_class="OutOfMemoryError", message="too long\tfor memory", attempts=1)  # fmt: skip
-    out = tmp_path / "out"
+    out = SampleFiles.at(tmp_path / "out")
     aggregate_sample(sample="s", reads_table=index, nucleotide=nucleotide, predictions=[predictions],
-                     manifest=manifest, output_dir=out)  # fmt: skip
-    rows = {row["read_id"]: row for row in read_rows(out / "reads.tsv", READS_COLUMNS)}
+                     manifest=manifest, output_dir=Path(out.folder))  # fmt: skip
+    rows = {row["read_id"]: row for row in read_rows(Path(out.reads_table), READS_COLUMNS)}
     assert list(rows) == ['"a', 'c"']
     assert (rows['"a']["verdict"], rows['"a']["reason"]) == ("unclassified", "embedding failed")
     assert (rows['c"']["verdict"], rows['c"']["best_virus_score"]) == ("virus", "0.75")
-    [failure] = read_failures(out / "failures.tsv")
+    [failure] = read_failures(Path(out.failures))
     assert failure["sequence_id"] == '"a_chunk_1F1' and failure["message"] == "too long\tfor memory"
 
 

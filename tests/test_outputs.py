@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from virnucpro.classify.predictions import PREDICTION_HEADER, format_score, merge_features, prediction_rows
+from virnucpro.layout import SampleFiles
 from virnucpro.outputs.aggregate import aggregate_sample
 from virnucpro.tables import format_end
 
@@ -79,7 +80,12 @@ def sample(tmp_path):
         manifest=None,
         output_dir=out,
     )
-    return out, (shard0, shard1)
+    return SampleFiles.at(out), (shard0, shard1)
+
+
+def test_the_outputs_are_written_into_the_folder_given_and_nothing_else(sample):
+    out, _ = sample
+    assert sorted(path.name for path in Path(out.folder).iterdir()) == sorted(Path(path).name for path in out.outputs)
 
 
 def test_prediction_results_are_the_shard_rows_in_shard_order_under_one_header(sample):
@@ -87,7 +93,7 @@ def test_prediction_results_are_the_shard_rows_in_shard_order_under_one_header(s
     expected = (
         PREDICTION_HEADER + "\n" + "".join(p.read_text().split("\n", 1)[1].split("#end")[0] for p in (shard0, shard1))
     )
-    assert (out / "prediction_results.txt").read_text() == expected
+    assert Path(out.prediction_results).read_text() == expected
 
 
 def test_highest_score_file_gives_a_verdict_per_chunk_sorted_as_strings(sample):
@@ -101,12 +107,12 @@ def test_highest_score_file_gives_a_verdict_per_chunk_sorted_as_strings(sample):
         "r1_chunk_1\tTrue",
         "r1_chunk_2\tFalse",
     ]
-    assert (out / "prediction_results_highestscore.csv").read_text() == "".join(row + "\n" for row in expected)
+    assert Path(out.highest_scores).read_text() == "".join(row + "\n" for row in expected)
 
 
 def test_every_read_has_one_row_with_a_verdict_or_a_reason(sample):
     out, _ = sample
-    lines = (out / "reads.tsv").read_text().splitlines()
+    lines = Path(out.reads_table).read_text().splitlines()
     assert lines[0].split("\t") == [
         "read_id",
         "length",
@@ -128,5 +134,5 @@ def test_every_read_has_one_row_with_a_verdict_or_a_reason(sample):
 
 def test_failures_table_has_its_header_even_when_empty(sample):
     out, _ = sample
-    header = (out / "failures.tsv").read_text().splitlines()
+    header = Path(out.failures).read_text().splitlines()
     assert len(header) == 1 and header[0].startswith("time\tsample\tstage\tshard\tsequence_id")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from virnucpro.classify.predict import predict
 from virnucpro.engines.embed import load_embedder
 from virnucpro.errors import UserError
+from virnucpro.pipeline import predict
 from virnucpro.testmodels import make_test_models
 
 COSINE_FLOOR = 0.99

@@ -11,9 +11,10 @@ import re
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
-from runs import BIN, DEMO_READS, kill_all_in, run_output, start_run, wait_until, write_config
+from runs import BIN, DEMO_READS, kill_all_in, run_output, sample_files, start_run, wait_until, write_config
 
 from virnucpro.cli import main
 from virnucpro.serving import registry
@@ -82,24 +83,23 @@ def test_the_time_left_is_said_in_minutes_or_hours(seconds, said):
 def a_run(tmp_path, shards: dict[str, dict[str, int]], embedded: dict[str, set[str]]):
     """A run folder and its results as the workflow lays them out: shard files of given sizes per sample (of
     two samples), and embeddings of some shards ("sample/shard" per model)."""
+    rules = sample_files(tmp_path, "{sample}")  # the embedding rules' patterns
     settings = workflow_settings(
-        {model: (str(tmp_path / "results/{sample}/work/shards/{shard}") + suffix,
-                 str(tmp_path / "results/{sample}/work/embeddings/{shard}.") + model + ".pt")
-         for model, suffix in (("esm2", ".faa"), ("dnabert_s", ".fa"))},
+        {model: (rules.shard_input("{shard}", model), rules.embedding("{shard}", model)) for model in ("esm2", "dnabert_s")},
         samples=["s1", "s2"], every=0.0,
     )  # fmt: skip
     for sample, sizes in shards.items():
-        folder = tmp_path / "results" / sample / "work" / "shards"
-        folder.mkdir(parents=True)
-        (tmp_path / "results" / sample / "work" / "embeddings").mkdir()
+        files = sample_files(tmp_path, sample)
+        Path(files.shards).mkdir(parents=True)
+        Path(files.embeddings).mkdir()
         for shard, size in sizes.items():
-            for suffix in (".faa", ".fa"):
-                (folder / f"{shard}{suffix}").write_bytes(b"x" * size)
-        (folder / ".snakemake_timestamp").touch()
+            for path in (files.shard_protein(shard), files.shard_nucleotide(shard)):
+                Path(path).write_bytes(b"x" * size)
+        (Path(files.shards) / ".snakemake_timestamp").touch()
     for model, names in embedded.items():
         for name in names:
             sample, shard = name.split("/")
-            (tmp_path / "results" / sample / "work" / "embeddings" / f"{shard}.{model}.pt").touch()
+            Path(sample_files(tmp_path, sample).embedding(shard, model)).touch()
     run = RunDir(tmp_path / "run")
     run.root.mkdir()
     run.write_settings({"session": "test", "progress": settings})
@@ -162,7 +162,7 @@ def test_the_report_says_a_line_per_model_while_it_embeds_and_once_when_it_is_do
     assert said == ["progress esm2: all 2 shards embedded",
                     "progress dnabert_s: 1/2 shards done, 1 queued, 1 daemon, 0 frames and 100 tokens embedded, "
                     "10 tokens/s, under a minute left"]  # fmt: skip
-    (tmp_path / "results" / "s2" / "work" / "embeddings" / "shard_00000.dnabert_s.pt").touch()
+    Path(sample_files(tmp_path, "s2").embedding("shard_00000", "dnabert_s")).touch()
     time.sleep(0.01)
     report.tick()
     assert said[2:] == ["progress dnabert_s: all 2 shards embedded"]

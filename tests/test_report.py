@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from virnucpro.cli import main
 from virnucpro.errors import UserError
+from virnucpro.layout import PlotFiles, RunFiles
 from virnucpro.outputs.report import (
     best_read_scores,
     daemon_metrics,
@@ -87,10 +89,11 @@ def test_a_table_without_a_needed_column_is_refused_naming_it(tmp_path):
 
 def test_sample_plots_and_the_daemons_plot_are_png_files(tables, tmp_path):
     paths = sample_plots("s", tables["reads"], tables["predictions"], tables["failures"], tmp_path / "plots")
-    assert [path.name for path in paths] == ["scores.png", "verdicts.png", "failures.png"]
+    assert [str(path) for path in paths] == list(PlotFiles(str(tmp_path / "plots")).pngs)
     stats = tmp_path / "run_stats.json"
     stats.write_text(json.dumps({"daemons": [{"daemon_id": "esm2-0", "tokens_per_second": 10.0, "load_seconds": 2}]}))
     paths.append(daemons_plot(stats, tmp_path / "plots"))
+    assert str(paths[-1]) == RunFiles(str(tmp_path / "plots")).daemons_plot
     for path in paths:
         assert path.read_bytes().startswith(PNG), path
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(p.name for p in paths)  # no leftovers
@@ -168,7 +171,7 @@ def test_the_command_writes_the_plots_and_the_summary_page(tables, tmp_path):
     assert main(["-q", "report-plots", "--sample", "s", "--reads-table", str(tables["reads"]), "--predictions",
                  str(tables["predictions"]), "--failures", str(tables["failures"]), "--output-dir", str(out),
                  "--top", "2", "--preview", "1"]) == 0  # fmt: skip
-    assert sorted(path.name for path in out.iterdir()) == ["failures.png", "scores.png", "summary.html", "verdicts.png"]
-    page = (out / "summary.html").read_text()
+    assert sorted(str(path) for path in out.iterdir()) == sorted(PlotFiles(str(out)).files)
+    page = Path(PlotFiles(str(out)).summary_page).read_text()
     assert "Top-scoring reads (2)" in page and "First 1 of 6 reads" in page and "DaemonLost" in page
     assert all(oct(path.stat().st_mode & 0o777) == "0o644" for path in out.iterdir())

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from runs import (
@@ -15,14 +16,18 @@ from runs import (
     BIN,
     DEMO_READS,
     IDLE_TIMEOUT,
-    SAMPLE_OUTPUTS,
     daemons_in,
     line_with,
     pid_alive,
     read_ids,
+    run_files,
+    run_stats,
+    sample_files,
     snakemake,
     write_config,
 )
+
+from virnucpro.layout import SampleFiles
 
 # --- lint and checks at start (the models are checked only once the samples are) ----------------
 
@@ -168,14 +173,14 @@ def daemon_run(tmp_path_factory, test_models):
 
 @pytest.mark.slow
 def test_every_sample_output_exists(daemon_run):
-    for name in SAMPLE_OUTPUTS:
-        assert (daemon_run / "results" / "demo" / name).is_file(), name
-    assert (daemon_run / "results" / "run_stats.json").is_file()
+    for path in sample_files(daemon_run).outputs:
+        assert Path(path).is_file(), path
+    assert Path(run_files(daemon_run).run_stats).is_file()
 
 
 @pytest.mark.slow
 def test_each_daemon_loaded_its_model_once_served_four_shards_or_more_and_was_stopped(daemon_run):
-    stats = json.loads((daemon_run / "results" / "run_stats.json").read_text())
+    stats = run_stats(daemon_run)
     daemons = {entry["daemon_id"]: entry for entry in stats["daemons"]}
     assert sorted(daemons) == ["dnabert_s-0", "esm2-0"]
     for daemon_id, entry in daemons.items():
@@ -194,15 +199,19 @@ def test_predictions_equal_the_one_process_predict_byte_for_byte(daemon_run, tes
         "--shard-size", "25",  # the run's shard_size: frames are embedded in the same batches
     ]  # fmt: skip
     subprocess.run(command, check=True, env=env, capture_output=True, timeout=600)
-    for name in ("prediction_results.txt", "prediction_results_highestscore.csv"):
-        expected = (tmp_path / name).read_bytes()
-        assert (daemon_run / "results" / "demo" / name).read_bytes() == expected, name
+    made, run = SampleFiles.at(tmp_path), sample_files(daemon_run)
+    for path, expected_path in (
+        (run.prediction_results, made.prediction_results),
+        (run.highest_scores, made.highest_scores),
+    ):
+        expected = Path(expected_path).read_bytes()
+        assert Path(path).read_bytes() == expected, path
     assert expected.count(b"\n") > 100  # the demo reads give over a hundred chunks
 
 
 @pytest.mark.slow
 def test_reads_table_has_exactly_one_row_per_input_read(daemon_run):
-    lines = (daemon_run / "results" / "demo" / "reads.tsv").read_text().splitlines()
+    lines = Path(sample_files(daemon_run).reads_table).read_text().splitlines()
     header, rows = lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
     assert header[0] == "read_id"
     assert sorted(row[0] for row in rows) == sorted(read_ids(DEMO_READS))
@@ -211,7 +220,7 @@ def test_reads_table_has_exactly_one_row_per_input_read(daemon_run):
 
 @pytest.mark.slow
 def test_failures_table_has_its_header_and_no_failure(daemon_run):
-    lines = (daemon_run / "results" / "demo" / "failures.tsv").read_text().splitlines()
+    lines = Path(sample_files(daemon_run).failures).read_text().splitlines()
     assert len(lines) == 1
     columns = set(lines[0].split("\t"))
     assert {"sample", "stage", "shard", "sequence_id", "error_class", "message", "attempts", "time"} <= columns
@@ -219,15 +228,16 @@ def test_failures_table_has_its_header_and_no_failure(daemon_run):
 
 @pytest.mark.slow
 def test_the_daemons_are_gone_after_the_run(daemon_run):
-    stats = json.loads((daemon_run / "results" / "run_stats.json").read_text())
+    stats = run_stats(daemon_run)
     for entry in stats["daemons"]:
         assert not pid_alive(entry["pid"]), entry["daemon_id"]
     for path in (daemon_run / ".virnucpro" / "registry").glob("*.json"):
         assert not pid_alive(json.loads(path.read_text())["pid"]), path.name
     assert daemons_in(daemon_run) == {}
-    assert sorted(path.name for path in (daemon_run / "results" / "daemons").iterdir()) == [
-        "dnabert_s-0.stats.json",
-        "esm2-0.stats.json",
+    files = run_files(daemon_run)
+    assert sorted(str(path) for path in Path(files.daemons).iterdir()) == [
+        files.daemon_stats("dnabert_s-0"),
+        files.daemon_stats("esm2-0"),
     ]  # the serve jobs' outputs, and nothing else of the serving machinery
 
 
@@ -244,12 +254,12 @@ def test_a_second_run_has_nothing_to_do(daemon_run, tmp_path):
 def test_a_rerun_that_needs_no_embedding_starts_no_daemon(daemon_run, tmp_path):
     workdir = tmp_path / "stats-again"
     shutil.copytree(daemon_run, workdir, symlinks=True)
-    (workdir / "results" / "run_stats.json").unlink()
+    Path(run_files(workdir).run_stats).unlink()
     result = snakemake(workdir, "--cores", "3", "--configfile", str(workdir / "config.yaml"))
     assert result.returncode == 0, result.stdout
     assert "rule serve_model" not in result.stdout and "rule embed_" not in result.stdout
     assert "localrule collect_run_stats" in result.stdout and daemons_in(workdir) == {}
-    stats = json.loads((workdir / "results" / "run_stats.json").read_text())
+    stats = run_stats(workdir)
     assert [attempt["daemons"] for attempt in stats["attempts"]] == [[]]  # a new run: the first one ended well
 
 
@@ -268,13 +278,13 @@ def test_a_failing_job_stops_the_daemons_without_waiting_for_their_idle_timeout(
 
 @pytest.mark.slow
 def test_the_run_draws_the_report_plots_and_the_report_renders_them(daemon_run):
-    plots = [daemon_run / "results" / "demo" / "plots" / f"{name}.png" for name in ("scores", "verdicts", "failures")]
-    plots.append(daemon_run / "results" / "daemons.png")
+    plots = [Path(path) for path in (*sample_files(daemon_run).plots.pngs, run_files(daemon_run).daemons_plot)]
     for plot in plots:
         assert plot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), plot
     result = snakemake(daemon_run, "--report", "report.html", "--configfile", str(daemon_run / "config.yaml"))
     assert result.returncode == 0, result.stdout[-5000:]
     html = (daemon_run / "report.html").read_text()
-    for name in [plot.name for plot in plots] + ["run_stats.json", "reads.tsv", "failures.tsv"]:
+    tables = (run_files(daemon_run).run_stats, sample_files(daemon_run).reads_table, sample_files(daemon_run).failures)
+    for name in [plot.name for plot in plots] + [Path(path).name for path in tables]:
         assert name in html, name
     assert "viral fraction" in html  # a caption

@@ -144,7 +144,7 @@ def _cmd_report_plots(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from virnucpro.classify.predict import predict
+    from virnucpro.pipeline import predict
 
     predict(
         args.input,

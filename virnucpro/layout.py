@@ -1,19 +1,32 @@
 """Where every file of a run's results lives: one object per folder names its files, nobody else builds
 these paths (the rules, the steps and the one-process pipeline all ask here).
 
-Paths are text, relative to the workflow's working directory unless another ``root`` is given. Built
-with a wildcard instead of a name (``SampleFiles("{sample}")``, ``shard="{shard}"``) they are the rules'
-file patterns.
+- ``SampleFiles``: a sample's folder ``results/{sample}/``: its outputs (README, "Outputs"), its report's
+  files (``plots``, a ``PlotFiles``) and its intermediates in ``work/`` (its shards: ``shard_files``, a
+  ``ShardFiles``).
+- ``RunFiles``: the run's own files directly under ``results/``.
+
+Paths are text, relative to the workflow's working directory unless another ``root`` is given; a step that
+writes into a folder it is given names that folder's files with ``SampleFiles.at(folder)``,
+``PlotFiles(folder)``, ``ShardFiles(folder)`` or ``RunFiles(folder)``. Built with a wildcard instead of a
+name (``SampleFiles("{sample}")``, ``shard="{shard}"``) they are the rules' file patterns. This module is a
+leaf: it imports nothing from the package.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 RESULTS = "results"
 SHARD_PATTERN = r"shard_[0-9]+"
-MODELS = ("esm2", "dnabert_s")
+"""What a shard's name matches (``shard_name``): the rules' wildcard constraint."""
+SAMPLE_PLOTS = ("scores", "verdicts", "failures")
+"""A sample's plots (``PlotFiles.png``), in the order the report draws them."""
+DAEMON_STATS_SUFFIX = ".stats.json"
+"""What ends a serve job's output after its daemon's ID (``RunFiles.daemon_stats``)."""
+_NUCLEOTIDE, _PROTEIN = ".fa", ".faa"  # a shard's two files
 
 
 def shard_name(index: int) -> str:
@@ -22,7 +35,59 @@ def shard_name(index: int) -> str:
 
 
 def shard_index(name: str) -> int:
+    """The index of a shard from its name (``shard_name``'s inverse): the shards' order."""
     return int(name.split("_", 1)[1])
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """A shards folder (``work/shards/``): per shard, its nucleotide frames and their proteins, same IDs."""
+
+    folder: str
+
+    def nucleotide(self, shard: str) -> str:
+        return os.path.join(self.folder, shard + _NUCLEOTIDE)
+
+    def protein(self, shard: str) -> str:
+        return os.path.join(self.folder, shard + _PROTEIN)
+
+    def names(self) -> list[str]:
+        """The shards in the folder (those with a nucleotide file), in shard order; [] without the folder."""
+        try:
+            entries = os.listdir(self.folder)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        names = [entry[: -len(_NUCLEOTIDE)] for entry in entries if entry.endswith(_NUCLEOTIDE)]
+        return sorted((name for name in names if re.fullmatch(SHARD_PATTERN, name)), key=shard_index)
+
+    def model_input(self, shard: str, model: str) -> str:
+        """What a model embeds: DNABERT-S the nucleotide slices, ESM-2 the proteins."""
+        return self.protein(shard) if model == "esm2" else self.nucleotide(shard)
+
+
+@dataclass(frozen=True)
+class PlotFiles:
+    """A sample's report files (``results/{sample}/plots/``): its plots and its summary page."""
+
+    folder: str
+
+    def png(self, name: str) -> str:
+        """The plot ``name`` (one of ``SAMPLE_PLOTS``)."""
+        return os.path.join(self.folder, f"{name}.png")
+
+    @property
+    def pngs(self) -> tuple[str, ...]:
+        """Every plot, in the order of ``SAMPLE_PLOTS``."""
+        return tuple(self.png(name) for name in SAMPLE_PLOTS)
+
+    @property
+    def summary_page(self) -> str:
+        return os.path.join(self.folder, "summary.html")
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """What the report shows of a sample: the plots, then the summary page."""
+        return (*self.pngs, self.summary_page)
 
 
 @dataclass(frozen=True)
@@ -31,6 +96,12 @@ class SampleFiles:
 
     sample: str
     root: str = RESULTS
+
+    @classmethod
+    def at(cls, folder: str | os.PathLike) -> SampleFiles:
+        """The files of the sample whose folder is ``folder`` (any name, anywhere)."""
+        folder = os.fspath(folder)
+        return cls(os.path.basename(folder), os.path.dirname(folder))
 
     def _path(self, *parts: str) -> str:
         return os.path.join(self.root, self.sample, *parts)
@@ -61,12 +132,9 @@ class SampleFiles:
         """The tables a sample's aggregation writes, in this order."""
         return (self.prediction_results, self.highest_scores, self.reads_table, self.failures)
 
-    def plot(self, name: str) -> str:
-        return self._path("plots", f"{name}.png")
-
     @property
-    def summary_page(self) -> str:
-        return self._path("plots", "summary.html")
+    def plots(self) -> PlotFiles:
+        return PlotFiles(self._path("plots"))
 
     # --- the intermediates -------------------------------------------------------------------------
     @property
@@ -90,28 +158,45 @@ class SampleFiles:
         return self._path("work", "identified_protein.faa")
 
     @property
+    def intermediates(self) -> tuple[str, ...]:
+        """What the sample's shards were made from, and what its tables are made from."""
+        return (self.chunked, self.reads_index, self.nucleotide_frames, self.protein_frames)
+
+    @property
     def shards(self) -> str:
         return self._path("work", "shards")
 
+    @property
+    def shard_files(self) -> ShardFiles:
+        return ShardFiles(self.shards)
+
     def shard_nucleotide(self, shard: str) -> str:
-        return os.path.join(self.shards, f"{shard}.fa")
+        return self.shard_files.nucleotide(shard)
 
     def shard_protein(self, shard: str) -> str:
-        return os.path.join(self.shards, f"{shard}.faa")
+        return self.shard_files.protein(shard)
 
     def shard_input(self, shard: str, model: str) -> str:
-        """What a model embeds: DNABERT-S the nucleotide slices, ESM-2 the proteins."""
-        return self.shard_protein(shard) if model == "esm2" else self.shard_nucleotide(shard)
+        """What a model embeds (``ShardFiles.model_input``)."""
+        return self.shard_files.model_input(shard, model)
+
+    @property
+    def embeddings(self) -> str:
+        return self._path("work", "embeddings")
 
     def embedding(self, shard: str, model: str) -> str:
-        return self._path("work", "embeddings", f"{shard}.{model}.pt")
+        return os.path.join(self.embeddings, f"{shard}.{model}.pt")
 
     def embedding_record(self, shard: str, model: str) -> str:
         """What made an embedding file: the model's fingerprint, the precision, its rows and size (JSON)."""
-        return self._path("work", "embeddings", f"{shard}.{model}.json")
+        return os.path.join(self.embeddings, f"{shard}.{model}.json")
+
+    @property
+    def predictions_folder(self) -> str:
+        return self._path("work", "predictions")
 
     def predictions(self, shard: str) -> str:
-        return self._path("work", "predictions", f"{shard}.tsv")
+        return os.path.join(self.predictions_folder, f"{shard}.tsv")
 
 
 @dataclass(frozen=True)
@@ -128,13 +213,18 @@ class RunFiles:
     def daemons_plot(self) -> str:
         return os.path.join(self.root, "daemons.png")
 
+    @property
+    def daemons(self) -> str:
+        """The serve jobs' outputs (``daemon_stats``)."""
+        return os.path.join(self.root, "daemons")
+
     def daemon_stats(self, daemon_id: str) -> str:
         """A serve job's output: its daemon's statistics, from the last attempt that ran it."""
-        return os.path.join(self.root, "daemons", f"{daemon_id}.stats.json")
+        return os.path.join(self.daemons, daemon_id + DAEMON_STATS_SUFFIX)
 
     @property
     def reserved_names(self) -> frozenset[str]:
         """Names under ``results/`` that no sample may take (compared without letter case)."""
-        return frozenset(os.path.basename(path).casefold() for path in (self.run_stats, self.daemons_plot)) | {
-            "daemons"
-        }
+        return frozenset(
+            os.path.basename(path).casefold() for path in (self.run_stats, self.daemons_plot, self.daemons)
+        )

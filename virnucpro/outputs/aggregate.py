@@ -9,6 +9,7 @@ from virnucpro.atomic import atomic_output
 from virnucpro.classify.predictions import PREDICTION_HEADER
 from virnucpro.errors import UserError
 from virnucpro.fasta import read_fasta
+from virnucpro.layout import SampleFiles
 from virnucpro.prep.chunk import READS_TABLE_COLUMNS
 from virnucpro.tables import end_count, format_row, read_rows, split_row, truncated
 
@@ -60,9 +61,10 @@ def aggregate_sample(
     manifest: Path | None,
     output_dir: Path,
 ) -> None:
-    """Write ``prediction_results.txt``, ``prediction_results_highestscore.csv``, ``reads.tsv``, ``failures.tsv``."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """Write the sample's outputs into ``output_dir`` (``SampleFiles.outputs``: ``prediction_results.txt``,
+    ``prediction_results_highestscore.csv``, ``reads.tsv``, ``failures.tsv``)."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    files = SampleFiles.at(output_dir)
     reads = _read_reads_table(Path(reads_table))
     tallies = {read_id: _ReadTally() for read_id in reads}
     for frame in read_fasta(Path(nucleotide)):
@@ -72,7 +74,7 @@ def aggregate_sample(
         tally.frames += 1
 
     chunks: dict[str, _ChunkScores] = {}
-    with atomic_output(output_dir / "prediction_results.txt") as out:
+    with atomic_output(Path(files.prediction_results)) as out:
         out.write(PREDICTION_HEADER + "\n")
         for table in predictions:
             for frame_id, line, others, virus in _prediction_lines(Path(table)):
@@ -85,7 +87,7 @@ def aggregate_sample(
                     scores.best_others = max(scores.best_others, others)
                     scores.best_virus = max(scores.best_virus, virus)
 
-    with atomic_output(output_dir / "prediction_results_highestscore.csv") as out:
+    with atomic_output(Path(files.highest_scores)) as out:
         out.write("Modified_ID\tIs_Virus\n")
         for chunk_id in sorted(chunks):
             out.write(f"{chunk_id}\t{chunks[chunk_id].is_virus}\n")
@@ -94,7 +96,7 @@ def aggregate_sample(
     failed_reads = {read_of(chunk_of(row["sequence_id"])) for row in failures if row.get("sequence_id")}
     failed_shards = bool([row for row in failures if not row.get("sequence_id")])
     read_chunks = _chunks_by_read(chunks)
-    with atomic_output(output_dir / "reads.tsv") as out:
+    with atomic_output(Path(files.reads_table)) as out:
         out.write(format_row(READS_COLUMNS))
         for read_id, (length, chunk_count, skip_reason) in reads.items():
             tally = tallies[read_id]
@@ -116,7 +118,7 @@ def aggregate_sample(
             )
             out.write(format_row(row))
 
-    _write_failures(output_dir / "failures.tsv", failures)
+    _write_failures(Path(files.failures), failures)
 
 
 def _verdict(

@@ -15,6 +15,7 @@ import heapq
 import html
 import json
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -24,11 +25,9 @@ from pathlib import Path
 from virnucpro import atomic
 from virnucpro.atomic import atomic_path
 from virnucpro.errors import UserError
+from virnucpro.layout import SAMPLE_PLOTS, PlotFiles, RunFiles
 from virnucpro.tables import read_rows
 
-SAMPLE_PLOTS = ("scores.png", "verdicts.png", "failures.png")
-SUMMARY_PAGE = "summary.html"
-DAEMONS_PLOT = "daemons.png"
 VERDICTS = ("virus", "others")
 TOP_READS = 50  # reads listed on the summary page by best virus score
 PREVIEW_ROWS = 100  # first rows of reads.tsv shown on the summary page
@@ -245,19 +244,19 @@ def sample_plots(sample: str, reads_table: Path, predictions: Path, failures: Pa
 
 def draw_sample_plots(summary: SampleSummary, output_dir: Path) -> list[Path]:
     """Draw a sample's ``scores.png``, ``verdicts.png`` and ``failures.png`` into ``output_dir``."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = [output_dir / name for name in SAMPLE_PLOTS]
-    _save(_scores_figure(summary.sample, summary.frame_score_bins, summary.read_score_bins), paths[0])
-    _save(_verdicts_figure(summary), paths[1])
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    plots = PlotFiles(os.fspath(output_dir))
+    paths = {name: Path(plots.png(name)) for name in SAMPLE_PLOTS}
+    _save(_scores_figure(summary.sample, summary.frame_score_bins, summary.read_score_bins), paths["scores"])
+    _save(_verdicts_figure(summary), paths["verdicts"])
     title = f"{summary.sample}: failures ({summary.failures})"
-    _save(_counts_figure(title, summary.failure_counts, "no failures"), paths[2])
-    return paths
+    _save(_counts_figure(title, summary.failure_counts, "no failures"), paths["failures"])
+    return list(paths.values())
 
 
 def write_summary_page(summary: SampleSummary, output_dir: Path) -> Path:
     """Write the sample's ``summary.html`` into ``output_dir``: its size is bounded, whatever the reads."""
-    path = Path(output_dir) / SUMMARY_PAGE
+    path = Path(PlotFiles(os.fspath(output_dir)).summary_page)
     atomic.write_text(path, summary_page(summary))
     return path
 
@@ -270,7 +269,7 @@ def daemons_plot(run_stats: Path, output_dir: Path) -> Path:
         raise UserError(f"{run_stats}: file not found") from None
     except json.JSONDecodeError as error:
         raise UserError(f"{run_stats}: not JSON ({error})") from None
-    path = Path(output_dir) / DAEMONS_PLOT
+    path = Path(RunFiles(os.fspath(output_dir)).daemons_plot)
     path.parent.mkdir(parents=True, exist_ok=True)
     _save(_daemons_figure(daemon_metrics(stats)), path)
     return path

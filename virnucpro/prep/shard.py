@@ -8,17 +8,15 @@ from pathlib import Path
 
 from virnucpro.errors import UserError
 from virnucpro.fasta import read_fasta, write_fasta_record
+from virnucpro.layout import ShardFiles, shard_name
 
 DEFAULT_SHARD_SIZE = 10000
 """Frames per shard unless told otherwise (the configuration's ``shard_size`` default, too)."""
 
 
-def shard_name(index: int) -> str:
-    return f"shard_{index:05d}"
-
-
 def shard_frames(nucleotide: Path, protein: Path, shard_size: int, output_dir: Path) -> int:
-    """Write ``output_dir/shard_NNNNN.fa`` and ``.faa`` pairs of ``shard_size`` frames; return the count.
+    """Write ``output_dir/shard_NNNNN.fa`` and ``.faa`` pairs of ``shard_size`` frames (``layout.ShardFiles``);
+    return the count.
 
     The two inputs must list the same frame IDs in the same order (as ``translate`` writes them).
     The folder appears complete or not at all: shards are written to a temporary sibling first.
@@ -42,6 +40,7 @@ def shard_frames(nucleotide: Path, protein: Path, shard_size: int, output_dir: P
 def _write_shards(nucleotide: Path, protein: Path, shard_size: int, staging: Path) -> int:
     count = 0
     nucleotide_out = protein_out = None
+    files = ShardFiles(str(staging))
     proteins = read_fasta(protein)
     try:
         for position, frame in enumerate(read_fasta(nucleotide)):
@@ -57,8 +56,8 @@ def _write_shards(nucleotide: Path, protein: Path, shard_size: int, staging: Pat
                     if handle is not None:
                         handle.close()
                 name = shard_name(count)
-                nucleotide_out = open(staging / f"{name}.fa", "w")
-                protein_out = open(staging / f"{name}.faa", "w")
+                nucleotide_out = open(files.nucleotide(name), "w")
+                protein_out = open(files.protein(name), "w")
                 count += 1
             write_fasta_record(nucleotide_out, frame.id, frame.sequence)
             write_fasta_record(protein_out, partner.id, partner.sequence)

@@ -17,20 +17,18 @@ Two views, one before the plan exists and one of the plan itself:
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from virnucpro.engines.provenance import read_record
-from virnucpro.layout import SHARD_PATTERN, SampleFiles
+from virnucpro.layout import RESULTS, SampleFiles
 
 log = logging.getLogger(__name__)
 
 
-def models_with_work(samples: dict[str, str], made_with: dict[str, dict], root: str = "results") -> set[str]:
+def models_with_work(samples: dict[str, str], made_with: dict[str, dict], root: str = RESULTS) -> set[str]:
     """The models (keys of ``made_with``: model -> ``{"fingerprint", "precision"}`` of this run) that have an
     embedding to make for ``samples`` (name -> reads file), as far as the files tell."""
     left: set[str] = set()
@@ -38,7 +36,7 @@ def models_with_work(samples: dict[str, str], made_with: dict[str, dict], root: 
         files = SampleFiles(sample, root)
         if not _prepared(reads, files):
             return set(made_with)
-        shards = _shard_names(files)
+        shards = files.shard_files.names()
         for model, identity in made_with.items():
             if model not in left and any(_needs_embedding(files, shard, model, identity) for shard in shards):
                 left.add(model)
@@ -54,15 +52,6 @@ def _prepared(reads: str, files: SampleFiles) -> bool:
     if None in times[1:]:
         return False
     return all(later >= earlier for earlier, later in zip(times, times[1:]) if earlier is not None)
-
-
-def _shard_names(files: SampleFiles) -> list[str]:
-    names = {os.path.basename(path)[: -len(".fa")] for path in glob.glob(os.path.join(files.shards, "shard_*.fa"))}
-    return sorted(name for name in names if _is_shard(name))
-
-
-def _is_shard(name: str) -> bool:
-    return re.fullmatch(SHARD_PATTERN, name) is not None
 
 
 def _needs_embedding(files: SampleFiles, shard: str, model: str, identity: dict) -> bool:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from virnucpro import atomic
 from virnucpro.errors import UserError, environmental
+from virnucpro.layout import DAEMON_STATS_SUFFIX, RunFiles
 from virnucpro.serving import registry, timing
 from virnucpro.serving.history import ATTEMPT_ENDED, ATTEMPT_STARTED, prune_history
 from virnucpro.serving.plan import SnakemakePlan
@@ -48,7 +49,8 @@ from virnucpro.serving.worker import prune_request_records
 log = logging.getLogger(__name__)
 
 LEAST_FREE_BYTES = 64 * 1024  # below this, the disk of the run folder or of the logs counts as full
-_DAEMON_OUTPUT = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)\.stats\.json")  # a serve job's output names its daemon
+_DAEMON_OUTPUT = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)" + re.escape(DAEMON_STATS_SUFFIX))  # a serve job's output
+RUN_STATS = RunFiles().run_stats  # the default target: it pulls the serve jobs into the plan
 
 
 def new_session() -> str:
@@ -130,11 +132,11 @@ class RunWatch:
             if model in snapshot.models_with_work and not planned:
                 if not local:
                     raise UserError(f"the targets need {model} embeddings, but its daemons are not part of this plan "
-                                    "(only results/run_stats.json, the default target, starts them): on a cluster, run "
-                                    "without targets or add results/run_stats.json to them")  # fmt: skip
-                log.warning("virnucpro: no %s daemon is part of this plan (only results/run_stats.json, the default "
-                            "target, starts them): each embedding job loads the model itself (slower); run without "
-                            "targets to use the daemons", model)  # fmt: skip
+                                    f"(only {RUN_STATS}, the default target, starts them): on a cluster, run "
+                                    f"without targets or add {RUN_STATS} to them")  # fmt: skip
+                log.warning("virnucpro: no %s daemon is part of this plan (only %s, the default target, starts them): "
+                            "each embedding job loads the model itself (slower); run without targets to use the "
+                            "daemons", model, RUN_STATS)  # fmt: skip
                 in_process[model] = self.specs[daemons[0]].to_dict()
             elif planned and model not in snapshot.models_with_work:
                 idle.append(model)

@@ -4,16 +4,16 @@
 
 rule aggregate_sample:
     input:
-        reads_index="results/{sample}/work/reads_index.tsv",
-        nucleotide="results/{sample}/work/identified_nucleotide.fa",
+        reads_index=SAMPLE.reads_index,
+        nucleotide=SAMPLE.nucleotide_frames,
         predictions=get_predictions,
     output:
         # Not in the report: these grow with the reads; the report shows summary.html and the plots
         # (report.smk), which stay small whatever the sample's size.
-        "results/{sample}/prediction_results.txt",
-        "results/{sample}/prediction_results_highestscore.csv",
-        "results/{sample}/reads.tsv",
-        "results/{sample}/failures.tsv",
+        SAMPLE.prediction_results,
+        SAMPLE.highest_scores,
+        SAMPLE.reads_table,
+        SAMPLE.failures,
     params:
         manifest=untracked(RUN.failures),
         output_dir=lambda wildcards, output: os.path.dirname(output[0]),

@@ -5,8 +5,8 @@ rule chunk_reads:
     input:
         get_fasta,
     output:
-        chunked="results/{sample}/work/chunked.fa",
-        reads_index="results/{sample}/work/reads_index.tsv",
+        chunked=SAMPLE.chunked,
+        reads_index=SAMPLE.reads_index,
     params:
         length=config["length"],
     log:

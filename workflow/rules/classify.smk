@@ -4,11 +4,11 @@
 
 rule classify_shard:
     input:
-        nucleotide="results/{sample}/work/shards/{shard}.fa",
-        dnabert_s="results/{sample}/work/embeddings/{shard}.dnabert_s.pt",
-        esm2="results/{sample}/work/embeddings/{shard}.esm2.pt",
+        nucleotide=SAMPLE.shard_nucleotide("{shard}"),
+        dnabert_s=SAMPLE.embedding("{shard}", "dnabert_s"),
+        esm2=SAMPLE.embedding("{shard}", "esm2"),
     output:
-        "results/{sample}/work/predictions/{shard}.tsv",
+        SAMPLE.predictions("{shard}"),
     params:
         classifier=get_model_fingerprint("classifier"),
         classifier_file=untracked(config["models"]["classifier"]),

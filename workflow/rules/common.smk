@@ -21,7 +21,7 @@ from virnucpro.engines.embed import GPU_SLOT_CPU, MODELS
 from virnucpro.engines.esm2_options import parse_engine
 from virnucpro.errors import UserError
 from virnucpro.fingerprint import model_fingerprint
-from virnucpro.layout import RunFiles
+from virnucpro.layout import SHARD_PATTERN, RunFiles, SampleFiles, ShardFiles
 from virnucpro.resume import FILE, TABLE, Shard, check_intermediates
 from virnucpro.serving.plan import SnakemakePlan, models_with_work
 from virnucpro.serving.progress import workflow_settings
@@ -31,18 +31,9 @@ from virnucpro.serving.spec import DaemonSpec
 from virnucpro.serving.stats import read_stats_session
 
 SAMPLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-# The workflow's own entries directly under results/ (not per sample): a sample of the same name would put
-# results/{sample}/ on or in them. Compared without letter case (case-insensitive file systems).
-RESERVED_SAMPLE_NAMES = {"daemons", "run_stats.json", "daemons.png"}
-SAMPLE_OUTPUTS = (
-    "prediction_results.txt",
-    "prediction_results_highestscore.csv",
-    "reads.tsv",
-    "failures.tsv",
-)
-SAMPLE_PLOTS = ("scores", "verdicts", "failures")  # results/{sample}/plots/*.png, in the report
-# results/{sample}/work/*: what a sample's shards were made from, and what its tables are made from
-SAMPLE_INTERMEDIATES = ("chunked.fa", "reads_index.tsv", "identified_nucleotide.fa", "identified_protein.faa")
+# Every file under results/ is named by virnucpro.layout: the rules' file patterns, and the run's own files.
+SAMPLE = SampleFiles("{sample}")
+RUN_FILES = RunFiles()
 MODEL_HINTS = {  # what each model path must be: a file or a folder, and which
     "esm2": ("file", "the ESM-2 checkpoint esm2_t36_3B_UR50D.pt (with its -contact-regression.pt beside it)"),
     "dnabert_s": ("folder", "the DNABERT-S snapshot folder"),
@@ -52,7 +43,7 @@ MODEL_HINTS = {  # what each model path must be: a file or a folder, and which
 
 wildcard_constraints:
     sample=SAMPLE_NAME.pattern,
-    shard=r"shard_[0-9]+",
+    shard=SHARD_PATTERN,
     daemon=r"(esm2|dnabert_s)-[0-9]+",
 
 
@@ -114,9 +105,12 @@ def load_samples(config):
                 )
             samples[name] = fasta
     for name, fasta in samples.items():
-        if name.casefold() in {reserved.casefold() for reserved in RESERVED_SAMPLE_NAMES}:
+        # The workflow's own entries directly under results/: a sample of the same name would put its folder on
+        # or in them. Compared without letter case (case-insensitive file systems).
+        if name.casefold() in RUN_FILES.reserved_names:
             raise WorkflowError(
-                f"sample name '{name}' is reserved (results/{name} is the workflow's own output); rename the sample"
+                f"sample name '{name}' is reserved ({SampleFiles(name).folder} is the workflow's own output); "
+                "rename the sample"
             )
         if not SAMPLE_NAME.fullmatch(name):
             raise WorkflowError(
@@ -182,7 +176,6 @@ DAEMON_MODE = config["embedding_mode"] == "daemon"
 DAEMONS = daemon_table(config) if DAEMON_MODE else {}
 # Absolute: the run's threads outlive snakemake's change into --directory (and back, at its end).
 RUN = RunDir(os.path.abspath(config["run_dir"]))
-RUN_FILES = RunFiles()
 RUN_DIR = str(RUN.root)
 # With a cluster executor the embedding clients run where snakemake runs (localrules, Snakefile).
 LOCAL_CLIENTS = DAEMON_MODE and config["cluster_local_clients"]
@@ -223,7 +216,7 @@ def check_progress():
 
 def get_sample_outputs(samples=None):
     """The tables of these samples (default: every sample)."""
-    return expand("results/{sample}/{name}", sample=SAMPLES if samples is None else samples, name=SAMPLE_OUTPUTS)
+    return [path for sample in (SAMPLES if samples is None else samples) for path in SampleFiles(sample).outputs]
 
 
 def get_final_outputs():
@@ -232,9 +225,9 @@ def get_final_outputs():
     exists: the finished samples (a failed one is listed in the report, report.smk) and the statistics."""
     samples = [sample for sample in SAMPLES if not REPORT_ONLY or sample_finished(sample)]
     outputs = get_sample_outputs(samples)
-    outputs += expand("results/{sample}/plots/{name}.png", sample=samples, name=SAMPLE_PLOTS)
+    outputs += [path for sample in samples for path in SampleFiles(sample).plots.pngs]
     if DAEMON_MODE and SAMPLES:
-        stats = ["results/run_stats.json", "results/daemons.png"]
+        stats = [RUN_FILES.run_stats, RUN_FILES.daemons_plot]
         outputs += [path for path in stats if not REPORT_ONLY or os.path.exists(path)]
     if MAIN_PROCESS and not REPORT_ONLY:
         outputs += get_missing_intermediates()
@@ -243,8 +236,8 @@ def get_final_outputs():
 
 def sample_finished(sample):
     """Whether a sample's outputs and report files all exist."""
-    plots = [f"results/{sample}/plots/{name}.png" for name in SAMPLE_PLOTS] + [f"results/{sample}/plots/summary.html"]
-    return all(os.path.exists(path) for path in [f"results/{sample}/{name}" for name in SAMPLE_OUTPUTS] + plots)
+    files = SampleFiles(sample)
+    return all(os.path.exists(path) for path in (*files.outputs, *files.plots.files))
 
 
 def get_missing_intermediates():
@@ -253,19 +246,19 @@ def get_missing_intermediates():
     run before any job, with one line naming it (virnucpro.resume)."""
     missing = []
     for sample in SAMPLES:
-        work = f"results/{sample}/work"
-        if not os.path.isdir(f"{work}/shards"):
+        files = SampleFiles(sample)
+        if not os.path.isdir(files.shards):
             continue  # not sharded yet: snakemake makes what is missing
-        files = [(f"{work}/{name}", TABLE if name.endswith(".tsv") else FILE) for name in SAMPLE_INTERMEDIATES]
+        intermediates = [(path, TABLE if path.endswith(".tsv") else FILE) for path in files.intermediates]
         shards = [
             Shard(
-                inputs=(f"{work}/shards/{shard}.fa", f"{work}/shards/{shard}.faa"),
-                embeddings=tuple(f"{work}/embeddings/{shard}.{model}.pt" for model in MODELS),
-                prediction=f"{work}/predictions/{shard}.tsv",
+                inputs=(files.shard_nucleotide(shard), files.shard_protein(shard)),
+                embeddings=tuple(files.embedding(shard, model) for model in MODELS),
+                prediction=files.predictions(shard),
             )
-            for shard in sorted(glob_wildcards(f"{work}/shards/{{shard,shard_[0-9]+}}.fa").shard)
+            for shard in files.shard_files.names()
         ]
-        found = check_intermediates(files, shards)
+        found = check_intermediates(intermediates, shards)
         try:
             found.raise_if_damaged()
         except UserError as error:
@@ -282,17 +275,12 @@ def get_fasta(wildcards):
 
 def get_shards(sample):
     """The shard names of a sample, in order (known once its checkpoint has run)."""
-    shard_dir = checkpoints.shard_frames.get(sample=sample).output[0]
-    names = glob_wildcards(os.path.join(shard_dir, "{shard,shard_[0-9]+}.fa")).shard
-    return sorted(names, key=lambda name: int(name.split("_")[1]))
+    return ShardFiles(checkpoints.shard_frames.get(sample=sample).output[0]).names()
 
 
 def get_predictions(wildcards):
-    return expand(
-        "results/{sample}/work/predictions/{shard}.tsv",
-        sample=wildcards.sample,
-        shard=get_shards(wildcards.sample),
-    )
+    files = SampleFiles(wildcards.sample)
+    return [files.predictions(shard) for shard in get_shards(wildcards.sample)]
 
 
 @functools.cache
@@ -338,7 +326,7 @@ def get_daemon_specs():
             daemon_id=daemon, model=spec["model"], weights=config["models"][spec["model"]], device=spec["device"],
             precision=config["precision"], esm2_engine=config["esm2_engine"], transport=transport,
             bind_host=config["bind_host"],
-            allowed_roots=(os.path.abspath("results"),), cache_clear_every=config["cache_clear_every"],
+            allowed_roots=(os.path.abspath(RUN_FILES.root),), cache_clear_every=config["cache_clear_every"],
             orphan_timeout=config["orphan_timeout"], freeze_timeout=config["freeze_timeout"],
         ).checked()
         for daemon, spec in DAEMONS.items()

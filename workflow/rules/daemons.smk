@@ -92,7 +92,7 @@ rule collect_run_stats:
         stats=get_daemon_stats,
         samples=get_sample_outputs(),
     output:
-        report("results/run_stats.json", caption="../report/run_stats.rst", category="Run statistics"),
+        report(RUN_FILES.run_stats, caption="../report/run_stats.rst", category="Run statistics"),
     params:
         run_dir=untracked(RUN_DIR),
     log:

@@ -10,10 +10,10 @@
 
 rule embed_esm2:
     input:
-        shard="results/{sample}/work/shards/{shard}.faa",
+        shard=SAMPLE.shard_input("{shard}", "esm2"),
     output:
-        embedding="results/{sample}/work/embeddings/{shard}.esm2.pt",
-        record="results/{sample}/work/embeddings/{shard}.esm2.json",
+        embedding=SAMPLE.embedding("{shard}", "esm2"),
+        record=SAMPLE.embedding_record("{shard}", "esm2"),
     params:
         model=get_model_fingerprint("esm2"),
         precision=config["precision"],
@@ -34,10 +34,10 @@ rule embed_esm2:
 
 rule embed_dnabert_s:
     input:
-        shard="results/{sample}/work/shards/{shard}.fa",
+        shard=SAMPLE.shard_input("{shard}", "dnabert_s"),
     output:
-        embedding="results/{sample}/work/embeddings/{shard}.dnabert_s.pt",
-        record="results/{sample}/work/embeddings/{shard}.dnabert_s.json",
+        embedding=SAMPLE.embedding("{shard}", "dnabert_s"),
+        record=SAMPLE.embedding_record("{shard}", "dnabert_s"),
     params:
         model=get_model_fingerprint("dnabert_s"),
         precision=config["precision"],

@@ -25,33 +25,33 @@ if REPORT_ONLY:
 
 rule plot_sample:
     input:
-        reads="results/{sample}/reads.tsv",
-        predictions="results/{sample}/prediction_results.txt",
-        failures="results/{sample}/failures.tsv",
+        reads=SAMPLE.reads_table,
+        predictions=SAMPLE.prediction_results,
+        failures=SAMPLE.failures,
     output:
         report(
-            "results/{sample}/plots/scores.png",
+            SAMPLE.plots.png("scores"),
             caption="../report/scores.rst",
             category="Samples",
             subcategory="{sample}",
             labels={"sample": "{sample}", "plot": "virus scores"},
         ),
         report(
-            "results/{sample}/plots/verdicts.png",
+            SAMPLE.plots.png("verdicts"),
             caption="../report/verdicts.rst",
             category="Samples",
             subcategory="{sample}",
             labels={"sample": "{sample}", "plot": "verdicts"},
         ),
         report(
-            "results/{sample}/plots/failures.png",
+            SAMPLE.plots.png("failures"),
             caption="../report/failures_plot.rst",
             category="Samples",
             subcategory="{sample}",
             labels={"sample": "{sample}", "plot": "failures"},
         ),
         report(
-            "results/{sample}/plots/summary.html",
+            SAMPLE.plots.summary_page,
             caption="../report/summary.rst",
             category="Samples",
             subcategory="{sample}",
@@ -71,10 +71,10 @@ rule plot_sample:
 
 rule plot_daemons:
     input:
-        "results/run_stats.json",
+        RUN_FILES.run_stats,
     output:
         report(
-            "results/daemons.png",
+            RUN_FILES.daemons_plot,
             caption="../report/daemons.rst",
             category="Run statistics",
             labels={"plot": "model daemons"},

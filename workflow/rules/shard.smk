@@ -4,10 +4,10 @@
 
 checkpoint shard_frames:
     input:
-        nucleotide="results/{sample}/work/identified_nucleotide.fa",
-        protein="results/{sample}/work/identified_protein.faa",
+        nucleotide=SAMPLE.nucleotide_frames,
+        protein=SAMPLE.protein_frames,
     output:
-        directory("results/{sample}/work/shards"),
+        directory(SAMPLE.shards),
     params:
         shard_size=config["shard_size"],
     log:

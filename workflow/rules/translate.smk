@@ -3,10 +3,10 @@
 
 rule translate_chunks:
     input:
-        "results/{sample}/work/chunked.fa",
+        SAMPLE.chunked,
     output:
-        nucleotide="results/{sample}/work/identified_nucleotide.fa",
-        protein="results/{sample}/work/identified_protein.faa",
+        nucleotide=SAMPLE.nucleotide_frames,
+        protein=SAMPLE.protein_frames,
     log:
         "logs/translate/{sample}.log",
     conda:
