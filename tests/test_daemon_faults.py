@@ -41,7 +41,7 @@ from virnucpro.engines.embed import embed_records, embed_shard, load_embedder, r
 from virnucpro.engines.embedded import Embedded
 from virnucpro.errors import UserError
 from virnucpro.manifest import read_failures
-from virnucpro.serving import client, registry
+from virnucpro.serving import client, registry, timing
 from virnucpro.serving.client import request_embedding, stop_daemons
 from virnucpro.serving.confine import Confinement
 from virnucpro.serving.protocol import MAX_MESSAGE_BYTES, ProtocolError, parse_request
@@ -550,7 +550,7 @@ def test_sigterm_hands_back_a_long_shard_after_the_grace_and_a_restart_under_the
 @pytest.mark.slow
 def test_a_frozen_daemon_is_lost_after_its_silence_and_another_embeds_the_shard(start_daemon, models, gate, tmp_path,
                                                                                 monkeypatch):  # fmt: skip
-    monkeypatch.setattr(client, "LOST_AFTER", 3.0)
+    monkeypatch.setattr(timing, "LOST_AFTER", 3.0)
     run_dir, data = tmp_path / "run", tmp_path / "data"
     daemons = [start_daemon(run_dir, f"esm2-{i}", "esm2", models["esm2"], [data]) for i in range(2)]
     endpoints = [daemon.wait_ready()["endpoint"] for daemon in daemons]

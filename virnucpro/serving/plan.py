@@ -22,15 +22,21 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from virnucpro.engines.provenance import read_record
+from virnucpro.engines.provenance import file_digest, read_record
 from virnucpro.layout import RESULTS, SampleFiles
 
 log = logging.getLogger(__name__)
 
+CHECKSUM_LIMIT = 1_000_000  # bytes: snakemake's default --max-checksum-file-size
 
-def models_with_work(samples: dict[str, str], made_with: dict[str, dict], root: str = RESULTS) -> set[str]:
+
+def models_with_work(samples: dict[str, str], made_with: dict[str, dict], root: str = RESULTS, *,
+                     checksum_limit: int = CHECKSUM_LIMIT) -> set[str]:  # fmt: skip
     """The models (keys of ``made_with``: model -> ``{"fingerprint", "precision"}`` of this run) that have an
-    embedding to make for ``samples`` (name -> reads file), as far as the files tell."""
+    embedding to make for ``samples`` (name -> reads file), as far as the files tell. A shard rewritten
+    after its embedding (a sample prepared again) needs it again as snakemake decides: for a shard file of at
+    most ``checksum_limit`` bytes, only if its content changed (snakemake compares checksums of files that
+    small: its ``--max-checksum-file-size``); for a bigger one, always."""
     left: set[str] = set()
     for sample, reads in samples.items():
         files = SampleFiles(sample, root)
@@ -38,7 +44,8 @@ def models_with_work(samples: dict[str, str], made_with: dict[str, dict], root: 
             return set(made_with)
         shards = files.shard_files.names()
         for model, identity in made_with.items():
-            if model not in left and any(_needs_embedding(files, shard, model, identity) for shard in shards):
+            if model not in left and any(_needs_embedding(files, shard, model, identity, checksum_limit)
+                                         for shard in shards):  # fmt: skip
                 left.add(model)
         if left == set(made_with):
             break
@@ -54,13 +61,19 @@ def _prepared(reads: str, files: SampleFiles) -> bool:
     return all(later >= earlier for earlier, later in zip(times, times[1:]) if earlier is not None)
 
 
-def _needs_embedding(files: SampleFiles, shard: str, model: str, identity: dict) -> bool:
+def _needs_embedding(files: SampleFiles, shard: str, model: str, identity: dict, checksum_limit: int) -> bool:
     made = _mtime(files.embedding(shard, model))
-    source = _mtime(files.shard_input(shard, model))
-    if made is None or (source is not None and made < source):
-        return True
     record = read_record(files.embedding_record(shard, model))
-    return record is None or any(record.get(key) != value for key, value in identity.items())
+    if made is None or record is None or any(record.get(key) != value for key, value in identity.items()):
+        return True
+    source = files.shard_input(shard, model)
+    if (_mtime(source) or 0.0) <= made:
+        return False
+    try:
+        small = os.path.getsize(source) <= checksum_limit
+        return not small or record.get("input") != file_digest(source)
+    except OSError:
+        return True
 
 
 def _mtime(path: str) -> float | None:

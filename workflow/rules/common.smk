@@ -292,7 +292,7 @@ def get_models_with_work():
         return frozenset(MODELS)
     made_with = {model: {"fingerprint": get_model_fingerprint(model), "precision": config["precision"]}
                  for model in MODELS}  # fmt: skip
-    return frozenset(models_with_work(SAMPLES, made_with))
+    return frozenset(models_with_work(SAMPLES, made_with, checksum_limit=settings.max_checksum_file_size))
 
 
 def get_daemon_stats(wildcards=None):
