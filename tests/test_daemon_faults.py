@@ -41,7 +41,7 @@ from virnucpro.engines.embed import embed_records, embed_shard, load_embedder, r
 from virnucpro.engines.embedded import Embedded
 from virnucpro.errors import UserError
 from virnucpro.manifest import read_failures
-from virnucpro.serving import client, registry, timing
+from virnucpro.serving import registry, timing
 from virnucpro.serving.client import request_embedding, stop_daemons
 from virnucpro.serving.confine import Confinement
 from virnucpro.serving.protocol import MAX_MESSAGE_BYTES, ProtocolError, parse_request
