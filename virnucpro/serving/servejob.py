@@ -142,6 +142,7 @@ class _Watcher:
         self.stopping_since: float | None = None
         self.last_beat, self.beat_changed = None, time.monotonic()
         self.frozen = False
+        self.registered = False  # its registry entry was seen
         self.signalled: int | None = None
 
     def on_signal(self, number: int, _frame) -> None:
@@ -160,13 +161,13 @@ class _Watcher:
                 self.stopping_since = self.stopping_since or now
                 if now - self.stopping_since > self.kill_after:
                     self._send(signal.SIGKILL)
-                continue
-            gone = self._run_gone(now)
-            if gone:
-                self._send(signal.SIGTERM)
-                self._wait_or_kill()
-                raise _RunGone(f"the run that started daemon {self.spec.daemon_id} is gone ({gone}); stopped it")
-            if self._frozen(now):
+            else:
+                gone = self._run_gone(now)
+                if gone:
+                    self._send(signal.SIGTERM)
+                    self._wait_or_kill()
+                    raise _RunGone(f"the run that started daemon {self.spec.daemon_id} is gone ({gone}); stopped it")
+            if not self.frozen and self._frozen(now):  # stopping or not: a frozen daemon never drains
                 log.error("serve job %s: the daemon (pid %d) has not refreshed its registry entry for %.0f s: "
                           "killing it", self.spec.daemon_id, self.child.pid, self.spec.freeze_timeout)  # fmt: skip
                 self.frozen = True
@@ -189,8 +190,11 @@ class _Watcher:
         if self.spec.freeze_timeout <= 0:
             return False
         entry = registry.read_entry(self.run, self.spec.daemon_id)
-        if entry is None or entry.get("pid") != self.child.pid:  # never registered: stuck while starting?
-            return now - self.started > self.spec.freeze_timeout + timing.START_GRACE
+        if entry is None or entry.get("pid") != self.child.pid:
+            if self.registered:  # it removed its entry: it is leaving
+                return False
+            return now - self.started > self.spec.freeze_timeout + timing.START_GRACE  # stuck while starting?
+        self.registered = True
         return registry.heartbeat_age(entry) > self.spec.freeze_timeout
 
     def _send(self, number: int) -> None:
