@@ -24,6 +24,20 @@ def test_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def demo_reference(tmp_path_factory: pytest.TempPathFactory, test_models: dict[str, Path]) -> Path:
+    """An undisturbed daemon-mode run of the demo reads with the test models, 20 frames a shard (6 shards): what
+    a disturbed run must give."""
+    from runs import DEMO_READS, run_workflow, shard_count, write_config
+
+    workdir = tmp_path_factory.mktemp("undisturbed")
+    write_config(workdir, test_models, {"demo": str(DEMO_READS)}, shard_size=20)
+    result = run_workflow(workdir)
+    assert result.returncode == 0, result.stdout[-10000:]
+    assert shard_count(workdir) == 6
+    return workdir
+
+
+@pytest.fixture(scope="session")
 def demo_outside(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """scripts/demo.sh, run once per test session with this virtualenv: its run folder and its output."""
     from runs import run_demo

@@ -25,7 +25,6 @@ from runs import (
     run_output,
     run_stats,
     run_workflow,
-    shard_count,
     snakemake,
     snakemake_command,
     snakemake_env,
@@ -66,21 +65,23 @@ def serve_starts(workdir: Path) -> list[dict]:
     return [event for event in map(json.loads, events) if event.get("event") == "serve_started"]
 
 
+def kill_once_loaded(workdir: Path, run: subprocess.Popen, daemon_id: str) -> None:
+    """SIGKILL the daemon once it has loaded its model (its attempts log says so)."""
+    [daemon] = wait_until(lambda: daemon_pids(workdir, daemon_id), 300, f"daemon {daemon_id} running", run)
+    log = workdir / "logs" / "daemons" / f"{daemon_id}.attempts.log"
+    wait_until(lambda: "loaded from" in log.read_text(), 300, f"{daemon_id} loaded its model", run)
+    os.kill(daemon, signal.SIGKILL)
+
+
 @pytest.fixture
 def workdir(tmp_path) -> Path:
     yield tmp_path / "work"
     kill_all_in(tmp_path / "work")
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, test_models) -> Path:
-    """An undisturbed run of the demo reads with the test models."""
-    workdir = tmp_path_factory.mktemp("undisturbed")
-    configure(workdir, test_models)
-    result = run_workflow(workdir)
-    assert result.returncode == 0, result.stdout[-10000:]
-    assert shard_count(workdir) == 6
-    return workdir
+@pytest.fixture
+def reference(demo_reference) -> Path:
+    return demo_reference
 
 
 def test_a_run_that_fails_after_its_daemons_stopped_resumes_without_any_daemon(workdir, test_models, reference,
@@ -221,10 +222,7 @@ def test_a_daemon_that_cannot_start_is_not_retried_and_the_run_says_why(workdir,
 def test_every_attempt_of_a_serve_job_keeps_its_log_and_says_what_comes_next(workdir, test_models, reference):
     configure(workdir, test_models, daemon_restarts=1)
     run = start_run(workdir)
-    [first] = wait_until(lambda: daemon_pids(workdir, "esm2-0"), 300, "daemon esm2-0 running", run)
-    wait_until(lambda: "loaded from" in (workdir / "logs" / "daemons" / "esm2-0.attempts.log").read_text(), 300,
-               "the first daemon loaded its model", run)  # fmt: skip
-    os.kill(first, signal.SIGKILL)
+    kill_once_loaded(workdir, run, "esm2-0")
     assert run.wait(timeout=900) == 0, run_output(workdir)[-10000:]
     assert_same_outputs(workdir, reference)
     attempts = (workdir / "logs" / "daemons" / "esm2-0.attempts.log").read_text()
@@ -236,10 +234,7 @@ def test_every_attempt_of_a_serve_job_keeps_its_log_and_says_what_comes_next(wor
 def test_with_no_restart_left_the_message_says_so(workdir, test_models):
     configure(workdir, test_models, daemon_restarts=0)
     run = start_run(workdir)
-    [daemon] = wait_until(lambda: daemon_pids(workdir, "esm2-0"), 300, "daemon esm2-0 running", run)
-    wait_until(lambda: "loaded from" in (workdir / "logs" / "daemons" / "esm2-0.attempts.log").read_text(), 300,
-               "the daemon loaded its model", run)  # fmt: skip
-    os.kill(daemon, signal.SIGKILL)
+    kill_once_loaded(workdir, run, "esm2-0")
     assert run.wait(timeout=900) != 0
     output = run_output(workdir)
     assert "no restart is left (config key daemon_restarts: 0)" in output

@@ -57,15 +57,9 @@ def workdir(tmp_path) -> Path:
     kill_all_in(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, test_models) -> Path:
-    """An undisturbed run of the demo reads with the test models."""
-    workdir = tmp_path_factory.mktemp("undisturbed")
-    configure(workdir, test_models)
-    result = run_workflow(workdir)
-    assert result.returncode == 0, result.stdout[-10000:]
-    assert shard_count(workdir) == 6
-    return workdir
+@pytest.fixture
+def reference(demo_reference) -> Path:
+    return demo_reference
 
 
 @pytest.fixture(scope="module")
