@@ -77,6 +77,7 @@ def write_run_stats(daemon_stats: list[Path], output: Path, events: list[dict] |
         "model_loads": sum(int(entry.get("model_loads", 0)) for entry in daemons),
         "shards": sum(int(entry.get("shards", 0)) for entry in daemons),
         "daemons_lost": [event for event in events if event.get("event") in ("lost", "frozen")],
+        "jobs_lost": [event for event in events if event.get("event") == "job_lost"],  # with their node (cluster)
         "events": events,
     }
     atomic.write_text(Path(output), json.dumps(summary, indent=2) + "\n")

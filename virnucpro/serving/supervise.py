@@ -64,8 +64,10 @@ class RunWatch:
     """The workflow run's side of the daemons' lifecycle; ``start`` it in snakemake's ``onstart``."""
 
     def __init__(self, run: RunDir, session: str, *, idle_timeout: float, keep_going: bool, settings: dict,
-                 daemon_rules: tuple[str, ...] = ("serve_model",), daemon_restarts: int | None = None):  # fmt: skip
+                 daemon_rules: tuple[str, ...] = ("serve_model",), daemon_restarts: int | None = None,
+                 losses=None):  # fmt: skip
         self.run, self.session = run, session
+        self.losses = losses  # virnucpro.cluster.losses.JobLosses: tells a job lost with its node from its own error
         self.idle_timeout, self.keep_going = idle_timeout, keep_going
         self.settings, self.daemon_rules = settings, daemon_rules
         self.daemon_restarts = daemon_restarts  # the serve rule's retries: a serve job failed once more is failed
@@ -100,13 +102,22 @@ class RunWatch:
                 self.running.add(jobid)
                 self.started_at = time.monotonic()
 
-    def job_ended(self, jobid: int, rule: str | None, failed: bool) -> None:
+    def job_ended(self, jobid: int, rule: str | None, failed: bool, why: str | None = None) -> None:
         with self.lock:
             self.running.discard(jobid)
             if failed and rule not in self.daemon_rules:
-                self.failed_at, self.failure = time.monotonic(), "a job failed"
+                self.failed_at, self.failure = time.monotonic(), why or "a job failed"
 
-    def serve_job_failed(self, daemon_id: str, started: float) -> None:
+    def judge(self, record: logging.LogRecord):
+        """A failed job's verdict (``virnucpro.cluster.losses.Verdict``; None without ``losses``): lost with its
+        node and submitted again, or the run's failure; nothing is submitted again once the run is stopping."""
+        if self.losses is None:
+            return None
+        with self.lock:
+            stopping = self.stopped or (self.failed_at is not None and not self.keep_going)
+        return self.losses.judge(record, stopping)
+
+    def serve_job_failed(self, daemon_id: str, started: float, detail: str | None = None) -> None:
         """A serve job that failed took its daemon with it, unless its serve job said what happened: record
         the loss (a node lost, the job killed by the cluster) with what the registry knew of the daemon. A
         serve job that snakemake restarts no more (``daemon_restarts``) is a failed job of the run."""
@@ -126,7 +137,7 @@ class RunWatch:
         self.run.record_event(event="lost", daemon=daemon_id, model=entry.get("model"), host=entry.get("host"),
                               address=entry.get("address"), gpus=entry.get("gpus"), pid=entry.get("pid"),
                               session=self.session, last_heartbeat=entry.get("heartbeat"),
-                              detail="its serve job failed (its node or job was lost)")  # fmt: skip
+                              detail=detail or "its serve job failed (its node or job was lost)")  # fmt: skip
         # Gone with its job: clients stop asking it at once, not once its heartbeat is stale (a daemon that
         # is still alive after all rewrites its entry within 5 s).
         registry.remove_entry(self.run, daemon_id)
@@ -195,10 +206,14 @@ class _JobEvents(logging.Handler):
             self.watch.job_ended(record.job_id, self.rules.get(record.job_id), failed=False)
         elif event == "job_error":
             rule = getattr(record, "rule_name", None)
-            self.watch.job_ended(record.jobid, rule, failed=True)
+            verdict = self.watch.judge(record)
+            failed = verdict is None or verdict.fails_the_run
+            self.watch.job_ended(record.jobid, rule, failed=failed, why=verdict.why if verdict else None)
             daemon = _DAEMON_OUTPUT.search(str(getattr(record, "output", "")))
             if rule in self.watch.daemon_rules and daemon:
-                self.watch.serve_job_failed(daemon.group(1), self.started.get(record.jobid, 0.0))
+                loss = verdict.loss if verdict else None
+                detail = f"its node {loss.node or '(unknown)'} was lost ({loss.state})" if loss else None
+                self.watch.serve_job_failed(daemon.group(1), self.started.get(record.jobid, 0.0), detail)
 
 
 def wait_for_leftover_daemons(run: RunDir, wait: float = LEFTOVER_WAIT) -> None:

@@ -1,5 +1,6 @@
-# Configuration and sample checks (at parse time, one-line errors), the check that the daemons can
-# make progress (onstart), and the input and params functions of the rules.
+# Configuration and sample checks (at parse time, one-line errors), the checks that the daemons can
+# make progress and that the cluster can run the jobs (onstart), and the input and params functions
+# of the rules.
 
 import csv
 import os
@@ -13,6 +14,8 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
 
+from virnucpro.cluster.fit import cluster_misfit
+from virnucpro.cluster.losses import JobLosses
 from virnucpro.engines.embed import GPU_SLOT_CPU, MODELS
 from virnucpro.fingerprint import model_fingerprint
 from virnucpro.serving.rundir import SESSION_VARIABLE, RunDir
@@ -141,8 +144,10 @@ DAEMON_MODE = config["embedding_mode"] == "daemon"
 DAEMONS = daemon_table(config) if DAEMON_MODE else {}
 RUN = RunDir(config["run_dir"])
 RUN_DIR = str(RUN.root)
-# With a cluster executor the embedding clients run where snakemake runs (localrules, Snakefile).
+# With a cluster executor the embedding clients, and the short CPU steps, run where snakemake runs
+# (localrules, Snakefile).
 LOCAL_CLIENTS = DAEMON_MODE and config["cluster_local_clients"]
+LOCAL_STEPS = config["cluster_local_steps"]
 MAIN_PROCESS = not (workflow.remote_exec or workflow.subprocess_exec)  # not a job's own snakemake
 
 
@@ -169,6 +174,13 @@ def check_progress():
             f"{gpus} GPU daemon(s) but only gpu={limit} in --resources: the daemons would wait for "
             f"each other; use --resources gpu={gpus} or configure fewer GPU daemons"
         )
+
+
+def check_cluster_fit():
+    """Refuse (before any job is submitted) a run whose SLURM requests no node of its partition can meet."""
+    misfit = cluster_misfit(workflow)
+    if misfit:
+        raise WorkflowError(misfit)
 
 
 def get_final_outputs():

@@ -15,12 +15,16 @@ if MAIN_PROCESS:
     # earlier, failed run would keep this run from starting its daemons: they go.
     os.environ[SESSION_VARIABLE] = new_session()
     clear_stale_outputs(get_daemon_stats(), Path(".snakemake", "locks"))
+    # A job lost with its node (NODE_FAIL, BOOT_FAIL, PREEMPTED) is submitted again and is not the run's
+    # failure; one that failed on its own is not submitted again (docs/cluster.md, "A node dies").
+    JOB_LOSSES = JobLosses(workflow, RUN, os.environ[SESSION_VARIABLE])
     RUN_WATCH = RunWatch(
         RUN,
         os.environ[SESSION_VARIABLE],
         idle_timeout=config["idle_timeout"],
         daemon_restarts=config["daemon_restarts"],
         keep_going=False,  # set in onstart, where snakemake's settings are known
+        losses=JOB_LOSSES,
         settings={
             "client_timeout": config["client_timeout"],
             "on_failure": "record" if config["failure_policy"] == "continue" else "fail",
@@ -30,9 +34,15 @@ if MAIN_PROCESS:
 
 onstart:
     check_progress()
+    check_cluster_fit()
     RUN_WATCH.keep_going = bool(getattr(workflow.execution_settings, "keep_going", False))
     RUN_WATCH.settings["daemons"] = get_daemon_settings()
     RUN_WATCH.start(logger)
+
+
+# The run's last words when it stops after losing jobs with a node: which node, and what went with it.
+onerror:
+    JOB_LOSSES.report(logger)
 
 
 # A serve job has no tracked params and no input: what its daemon is (model, device, precision, transport,
