@@ -4,7 +4,8 @@ local run of the same reads (docs/cluster.md, "Where a cluster run's time goes")
 Both runs: the same generated reads (``--reads`` reads of 500 nt, the shard size chosen so that they make
 ``--shards`` shards), the small random-weight test models (``virnucpro make-test-models``), and the same
 daemons (``--daemons`` per model on ``gpu-slot:cpu``: a GPU slot each, computing on the CPU). The local
-run is ``snakemake --cores CORES --resources gpu=N``; the cluster run is ``snakemake --workflow-profile
+run is ``snakemake --cores CORES --resources gpu=N`` (CORES: by default the profile's ``local-cores`` plus
+one per daemon, so that both runs have as many other jobs at once on this machine); the cluster run is ``snakemake --workflow-profile
 workflow/profiles/slurm`` (the shipped profile, plus ``slurm-status-command: squeue`` for a cluster
 without accounting, ``slurm-keep-successful-logs`` so that each job's own timing can be read, and the
 serve jobs' ``cpus_per_gpu``/``mem_mb`` scaled to the test nodes) with SLURM's own placement. The runs
@@ -23,7 +24,7 @@ It needs the two-node test cluster running (as root):
 
     eval "$(scripts/slurm-cluster.sh start --nodes 2 | tail -n 1)"
     .venv/bin/python -m benchmarks.cluster [--dir /tmp/virnucpro-bench-cluster] [--reads 3000] [--shards 27]
-        [--daemons 2] [--cores 8] [--repeats 1] [--profile-set KEY=YAML ...] [--config-set KEY=YAML ...]
+        [--daemons 2] [--cores N] [--repeats 1] [--profile-set KEY=YAML ...] [--config-set KEY=YAML ...]
 """
 
 from __future__ import annotations
@@ -241,7 +242,9 @@ def main() -> None:
     parser.add_argument("--reads", type=int, default=3000)
     parser.add_argument("--shards", type=int, default=27)
     parser.add_argument("--daemons", type=int, default=2, help="daemons per model")
-    parser.add_argument("--cores", type=int, default=8, help="--cores of the local run")
+    parser.add_argument("--cores", type=int, default=None,
+                        help="--cores of the local run (default: the profile's local-cores plus one per daemon, so "
+                             "that as many other jobs run at once as on the login node of the cluster run)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument(
         "--profile-set",
@@ -272,6 +275,8 @@ def main() -> None:
         **key_values(args.config_set),
     }  # fmt: skip
     overrides = key_values(args.profile_set)
+    local_cores = overrides.get("local-cores", yaml.safe_load(PROFILE.read_text())["local-cores"])
+    args.cores = args.cores or local_cores + 2 * args.daemons
     print(
         f"{args.reads} reads, {frames} frames, shard size {shard_size}: {math.ceil(frames / shard_size)} shards; "
         f"{args.daemons} daemon(s) per model; local --cores {args.cores}; profile overrides {overrides or 'none'}"

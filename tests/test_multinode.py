@@ -325,8 +325,8 @@ def start_with_one_of_each_model_per_node(workdir: Path, cluster, tries: int = 5
 def test_the_node_running_classify_jobs_and_a_daemon_of_each_model_lost_the_run_ends_well_and_lists_the_loss(
     slurm_nodes, test_models, local_run, tmp_path
 ):
-    # SLURM's own placement (no hold, no release); the CPU steps are SLURM jobs (cluster_local_steps: false).
-    write_config(tmp_path, test_models, {"demo": str(DEMO_READS)}, shard_size=SHARD_SIZE, cluster_local_steps=False,
+    # SLURM's own placement (no hold, no release); the CPU steps are SLURM jobs (cluster_local_steps: []).
+    write_config(tmp_path, test_models, {"demo": str(DEMO_READS)}, shard_size=SHARD_SIZE, cluster_local_steps=[],
                  daemons={"esm2": ["gpu-slot:cpu"] * 2, "dnabert_s": ["gpu-slot:cpu"] * 2})  # fmt: skip
     run = victim = None
     try:

@@ -106,7 +106,7 @@ def test_a_run_that_failed_before_its_daemons_started_ends_them_without_waiting_
     # sbatch refuses the first job (a node feature that no node has): the run's watch writes the stop
     # token. The serve jobs are held in the queue until then (as if they waited for GPUs); once they
     # start they find the token changed since the run began, and do not start their daemons.
-    config = write_config(tmp_path, test_models, {"demo": str(DEMO_READS)}, cluster_local_steps=False)
+    config = write_config(tmp_path, test_models, {"demo": str(DEMO_READS)}, cluster_local_steps=[])
     profile = write_profile(
         tmp_path, chunk_reads={"constraint": "no_such_feature"}, serve_model={"slurm_extra": "--hold"}
     )
@@ -147,7 +147,7 @@ def test_a_job_that_failed_on_its_own_is_not_submitted_again_despite_the_profile
     # A duplicated read ID: chunk_reads, a SLURM job here, fails (exit status 1, SLURM state FAILED).
     duplicated = tmp_path / "dup.fa"
     duplicated.write_text(">r1\nACGTACGTAC\n>r1\nACGTACGTAC\n")
-    config = write_config(tmp_path, test_models, {"bad": str(duplicated)}, cluster_local_steps=False)
+    config = write_config(tmp_path, test_models, {"bad": str(duplicated)}, cluster_local_steps=[])
     profile = write_profile(tmp_path)
     assert yaml.safe_load((profile / "config.yaml").read_text())["retries"] >= 1
     result = snakemake(tmp_path, "--workflow-profile", str(profile), "--configfile", str(config), env=slurm_env)

@@ -144,10 +144,9 @@ DAEMON_MODE = config["embedding_mode"] == "daemon"
 DAEMONS = daemon_table(config) if DAEMON_MODE else {}
 RUN = RunDir(config["run_dir"])
 RUN_DIR = str(RUN.root)
-# With a cluster executor the embedding clients, and the short CPU steps, run where snakemake runs
-# (localrules, Snakefile).
+# With a cluster executor the embedding clients (and config key cluster_local_steps) run where snakemake
+# runs (localrules, Snakefile).
 LOCAL_CLIENTS = DAEMON_MODE and config["cluster_local_clients"]
-LOCAL_STEPS = config["cluster_local_steps"]
 MAIN_PROCESS = not (workflow.remote_exec or workflow.subprocess_exec)  # not a job's own snakemake
 
 
