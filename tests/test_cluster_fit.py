@@ -121,6 +121,8 @@ def test_a_failed_jobs_state_comes_from_the_executors_message_or_from_slurm():
     assert reported_state(None, "58", ask=lambda job: ("BOOT_FAIL", "node2")) == ("BOOT_FAIL", "node2")
     assert reported_state(message, "57", ask=lambda job: None) == ("NODE_FAIL", "")
     assert reported_state("exit status 1", "", ask=lambda job: ("FAILED", "x")) == (None, "")  # never a SLURM job
+    own = "SLURM-job '59' failed, SLURM status is: 'FAILED'. Detailed failure reason unavailable"
+    assert reported_state(own, "59", ask=lambda job: pytest.fail("SLURM asked")) == ("FAILED", "")
     assert parse_job_state("CANCELLED by 0|node1\n") == ("CANCELLED", "node1")
     assert parse_job_state(captured("squeue_node_fail.txt")) == ("NODE_FAIL", "node1")
     assert {"NODE_FAIL", "BOOT_FAIL", "PREEMPTED"} == INFRASTRUCTURE_STATES

@@ -22,11 +22,14 @@ remaining attempts when it must not run again (snakemake retries a job while ``r
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from dataclasses import dataclass
 
 from virnucpro.cluster.slurm import job_state
+
+log = logging.getLogger(__name__)
 
 INFRASTRUCTURE_STATES = frozenset({"NODE_FAIL", "BOOT_FAIL", "PREEMPTED"})
 _REPORTED_STATE = re.compile(r"SLURM status is: '([A-Z_]+)'")
@@ -67,12 +70,14 @@ class Verdict:
 
 
 def reported_state(message: str | None, slurm_job: str | None, ask=job_state) -> tuple[str | None, str]:
-    """The SLURM state a failed job ended in, and its node: the state from the executor's message when it
-    gives one, the node (and otherwise the state) from SLURM. (None, "") for a job that was never a SLURM job
-    (a local job, or one that ``sbatch`` refused)."""
+    """The SLURM state a failed job ended in, and, for a lost job, its node: the state from the executor's
+    message when it gives one, the node (and otherwise the state) from SLURM, asked only then. (None, "")
+    for a job that was never a SLURM job (a local job, or one that ``sbatch`` refused)."""
     if not slurm_job:
         return None, ""
     match = _REPORTED_STATE.search(message or "")
+    if match and match.group(1) not in INFRASTRUCTURE_STATES:
+        return match.group(1), ""  # failed on its own: where does not matter
     asked = ask(slurm_job)
     state = match.group(1) if match else (asked[0] if asked else None)
     return state, (asked[1] if asked else "")
@@ -97,7 +102,17 @@ class JobLosses:
 
     def judge(self, record, stopping: bool) -> Verdict:
         """A failed job's verdict, from snakemake's ``job_error`` log record; a job that must not run again has
-        its remaining attempts spent. ``stopping``: the run has decided to stop (no job is submitted again)."""
+        its remaining attempts spent. ``stopping``: the run has decided to stop (no job is submitted again).
+        Never raises (it runs inside snakemake's callbacks): on an unexpected error the job counts as failed
+        on its own, as without this judge."""
+        try:
+            return self._judge(record, stopping)
+        except Exception as error:  # a failure here must not break snakemake's job handling
+            log.warning("virnucpro: could not tell whether job %s was lost with its node: %s",
+                        getattr(record, "jobid", "?"), error)  # fmt: skip
+            return Verdict(None, False)
+
+    def _judge(self, record, stopping: bool) -> Verdict:
         rule = str(getattr(record, "rule_name", ""))
         aux = getattr(record, "aux", None) or {}
         slurm_job = str(aux.get("external_jobid") or "") if isinstance(aux, dict) else ""

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-QUERY_TIMEOUT = 30.0  # seconds a query of the controller may take
+QUERY_TIMEOUT = 10.0  # seconds a query of the controller may take (the run's watch waits for it)
 _FIELD = re.compile(r"\s+(?=[A-Za-z][A-Za-z0-9_/:]*=)")  # where the next Key= of a one-line record starts
 
 
