@@ -27,6 +27,7 @@ from runs import (
     assert_same_outputs,
     embeddings,
     line_with,
+    ran_locally,
     run_stats,
     serve_processes,
     slurm_jobs,
@@ -183,7 +184,7 @@ def test_each_daemon_ran_on_its_node_with_its_own_gpu_loaded_once_and_served_ove
 def test_the_clients_and_short_steps_ran_on_the_login_node_the_daemons_and_aggregation_as_slurm_jobs(spread_run):
     output = read_log(spread_run)
     for rule in ("embed_esm2", "embed_dnabert_s", "chunk_reads", "translate_chunks", "shard_frames", "classify_shard"):
-        assert f"localrule {rule}:" in output and f"\nrule {rule}:" not in output, rule
+        assert ran_locally(output, rule), rule
     assert list((spread_run / "logs" / "slurm" / "rule_aggregate_sample").glob("*/*.log"))
     for daemon in BOTH_NODES:
         assert list((spread_run / "logs" / "slurm" / "rule_serve_model" / daemon).glob("*.log")), daemon
