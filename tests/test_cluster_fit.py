@@ -111,6 +111,8 @@ def test_each_dimension_and_their_combination_is_checked():
     # each alone fits some node, together none: 3 GPUs only on "gpu", 20,000 MB only on "big"
     both = Request("both", mem_mb=20000, gpus=3)
     assert "together, which no node" in misfits([both], nodes, [debug])[0]
+    two = [Request("two", mem_mb=200000), Request("two", mem_mb=300000)]
+    assert len(misfits(two, nodes, [debug])) == 1  # one line per rule
     elsewhere = Request("gpu_rule", partition="gpu")
     assert "partition 'gpu', which SLURM does not have (partitions: debug)" in misfits([elsewhere], nodes, [debug])[0]
 

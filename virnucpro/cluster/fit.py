@@ -1,7 +1,7 @@
 """Whether the profile's requests fit the cluster (docs/cluster.md, "The profile's knobs").
 
-At start, with the SLURM executor, the largest request of each rule that will be submitted (memory, CPUs,
-GPUs, time) is compared with what the nodes of its partition offer; a request that no node can meet stops
+At start, with the SLURM executor, the requests of each rule that will be submitted (memory, CPUs, GPUs,
+time) are compared with what the nodes of their partition offer; a request that no node can meet stops
 the run before anything is submitted, in one line per rule that names the request, the largest node and the
 profile key to change. (Otherwise ``sbatch`` refuses the job, "Memory specification can not be satisfied",
 or SLURM keeps it pending for ever, and the run fails the same way on every re-run.)
@@ -20,7 +20,7 @@ from virnucpro.cluster.slurm import Node, Partition, cluster_nodes
 
 @dataclass(frozen=True)
 class Request:
-    """What one rule's jobs ask SLURM for at most, and where each value is set (the key to change)."""
+    """What a rule's job asks SLURM for, and where each value is set (the key to change)."""
 
     rule: str
     mem_mb: int = 0
@@ -34,22 +34,24 @@ class Request:
 
 def misfits(requests: list[Request], nodes: list[Node], partitions: list[Partition]) -> list[str]:
     """One line for each request that no node of its partition can meet (empty: everything fits)."""
-    problems = []
+    problems, misfit_rules = [], set()
     default = next((p.name for p in partitions if p.default), None)
     by_name = {p.name: p for p in partitions}
     for request in requests:
+        if request.rule in misfit_rules:  # one line per rule: its first request that does not fit
+            continue
         name = request.partition or default
         partition = by_name.get(name) if name else None
         if partition is None:
             where = f"partition '{name}'" if name else "a partition (the cluster has no default partition)"
-            problems.append(f"rule {request.rule} asks for {where}, which SLURM does not have (partitions: "
-                            f"{', '.join(sorted(by_name)) or 'none'}): set slurm_partition in the profile's "
-                            "default-resources or set-resources")  # fmt: skip
-            continue
-        members = [node for node in nodes if partition.name in node.partitions]
-        problem = _misfit(request, partition, members)
+            problem = (f"rule {request.rule} asks for {where}, which SLURM does not have (partitions: "
+                       f"{', '.join(sorted(by_name)) or 'none'}): set slurm_partition in the profile's "
+                       "default-resources or set-resources")  # fmt: skip
+        else:
+            problem = _misfit(request, partition, [node for node in nodes if partition.name in node.partitions])
         if problem:
             problems.append(problem)
+            misfit_rules.add(request.rule)
     return problems
 
 
@@ -103,8 +105,8 @@ def _fits(request: Request, partition: Partition, node: Node) -> bool:
 
 
 def requests_of(workflow) -> list[Request]:
-    """The largest request of each rule that this run may submit to the cluster: the jobs in the plan that
-    need to run, and the rules with no job planned yet (after a checkpoint) at their rule-level resources."""
+    """The distinct requests of each rule that this run may submit to the cluster: of the jobs in the plan
+    that need to run, and of the rules with no job planned yet (after a checkpoint) at their rule level."""
     planned: dict[str, list] = {}
     for job in workflow.dag.jobs:
         planned.setdefault(job.rule.name, []).append(job)
@@ -121,8 +123,9 @@ def requests_of(workflow) -> list[Request]:
             except Exception:  # resources that depend on wildcards: nothing to check before the jobs exist
                 continue
             found = [_request(workflow, rule.name, resources, resources.get("_cores", 1))]
-        if found:
-            requests.append(max(found, key=lambda r: (r.gpus, r.mem_mb, r.cpus, r.runtime or 0)))
+        for request in found:
+            if request not in requests:
+                requests.append(request)
     return requests
 
 
