@@ -29,9 +29,11 @@
 # root (SlurmUser=root), as the jobs do. One cluster at a time: `start` refuses while a cluster of the
 # other kind (one node / --nodes) runs from the same folder; `stop` stops either.
 #
-# The single node is this machine (its host name, 127.0.0.1): it declares CPUS (default 8) CPUs whatever
-# the machine has (SlurmdParameters=config_overrides), REAL_MEMORY_MB (default 8000) of memory, and no
-# GPU; accounting is off, so job states come from squeue (kept MinJobAge=600 s after a job ends).
+# The single node is this machine (its host name, 127.0.0.1): it declares CPUS (default 16) CPUs whatever
+# the machine has (SlurmdParameters=config_overrides), REAL_MEMORY_MB (default 64000) of memory, and no
+# GPU; accounting is off, so job states come from squeue (kept MinJobAge=600 s after a job ends). The
+# declared memory is not enforced (no cgroups): the defaults are large enough for the SLURM profile's
+# requests as shipped (a serve job: 8 CPUs per GPU, 32,000 MB), so that it runs unchanged here.
 # Ports: VIRNUCPRO_SLURM_PORT (slurmctld, default 16817) and the next one (slurmd).
 #
 # With --nodes N this machine is the login node (slurmctld, munged, the SLURM commands, snakemake), at
@@ -52,8 +54,8 @@
 set -euo pipefail
 
 dir="${VIRNUCPRO_SLURM_DIR:-/tmp/virnucpro-slurm}"
-cpus="${CPUS:-8}"
-memory="${REAL_MEMORY_MB:-8000}"
+cpus="${CPUS:-16}"
+memory="${REAL_MEMORY_MB:-64000}"
 gpus="${GPUS_PER_NODE:-2}"
 port="${VIRNUCPRO_SLURM_PORT:-16817}"
 node="$(hostname -s)"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +53,9 @@ def demo_outside(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 CLUSTER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm-cluster.sh"
 CLUSTER_NODES = 2
-# Declared, not enforced (no cgroups): enough that the SLURM profile's requests fit as they are
-# (a serve job: one GPU with 8 CPUs and 32 GB), with room for CPU jobs beside two of them.
+# Declared, not enforced (no cgroups): the test cluster's defaults, enough that the SLURM profile's
+# requests fit as they are (a serve job: one GPU with 8 CPUs and 32 GB; the tests that run two daemons
+# per node ask less, to leave room for CPU jobs beside them).
 NODE_CPUS = 16
 NODE_MEMORY_MB = 64000
 
@@ -109,13 +111,13 @@ class SlurmNodes:
         return self.job_state(job_id)
 
 
-@pytest.fixture(scope="module")
-def slurm_nodes() -> Iterator[SlurmNodes]:
-    """A SLURM cluster of CLUSTER_NODES nodes with 2 stand-in GPUs each, started for the test module
-    (installing SLURM if needed) and stopped at its end, whatever happened."""
+@contextmanager
+def started_slurm_nodes(cpus: int = NODE_CPUS, memory_mb: int = NODE_MEMORY_MB) -> Iterator[SlurmNodes]:
+    """A SLURM cluster of CLUSTER_NODES nodes of `cpus` CPUs, `memory_mb` MB and 2 stand-in GPUs each, started
+    (installing SLURM if needed) and stopped at the end, whatever happened."""
     if os.geteuid() != 0:
         pytest.skip("the test cluster needs root (network namespaces, SLURM daemons running as root)")
-    env = dict(os.environ, CPUS=str(NODE_CPUS), REAL_MEMORY_MB=str(NODE_MEMORY_MB), GPUS_PER_NODE="2")
+    env = dict(os.environ, CPUS=str(cpus), REAL_MEMORY_MB=str(memory_mb), GPUS_PER_NODE="2")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     started = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start", "--nodes", str(CLUSTER_NODES)], env=env,
                              capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
@@ -135,6 +137,20 @@ def slurm_nodes() -> Iterator[SlurmNodes]:
         yield cluster
     finally:
         subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=env, capture_output=True, timeout=300, check=False)
+
+
+@pytest.fixture(scope="module")
+def slurm_nodes() -> Iterator[SlurmNodes]:
+    """The test cluster (started_slurm_nodes) for a test module."""
+    with started_slurm_nodes() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def small_slurm_nodes() -> Iterator[SlurmNodes]:
+    """The test cluster with small nodes, 8 CPUs and 8,000 MB each, for a test module."""
+    with started_slurm_nodes(cpus=8, memory_mb=8000) as cluster:
+        yield cluster
 
 
 # --- model daemons: tests/test_daemon.py, tests/test_daemon_faults.py, tests/test_worker.py --------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -265,6 +266,13 @@ def write_profile(workdir: Path, **resources: dict) -> Path:
     profile.mkdir(exist_ok=True)
     (profile / "config.yaml").write_text(yaml.safe_dump({**settings, **TEST_SETTINGS}))
     return profile
+
+
+def ran_locally(output: str, rule: str) -> bool:
+    """Whether snakemake's output shows jobs of `rule` and all of them local (with a cluster executor: local
+    rules and checkpoints), none submitted to the cluster."""
+    heads = re.findall(rf"^(localrule|localcheckpoint|rule|checkpoint) {rule}:$", output, re.MULTILINE)
+    return bool(heads) and all(head.startswith("local") for head in heads)
 
 
 def slurm_jobs(env: dict[str, str]) -> str:

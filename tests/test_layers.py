@@ -13,6 +13,7 @@ LAYERS = (
     {"prep", "engines"},  # the steps before the classifier: reads to shards; the models' embeddings
     {"classify"},  # embeddings to predictions
     {"outputs"},  # predictions to a sample's tables and report
+    {"cluster"},  # what a SLURM cluster offers and what it lost (read by the run's watch)
     {"serving", "resume"},  # the workflow's runs: the model daemons, and what a re-run trusts of earlier files
     {"pipeline", "testmodels", "cli", "__main__"},  # the whole method in one process, the commands
 )

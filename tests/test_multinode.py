@@ -12,6 +12,7 @@ is in the middle of a shard when the node dies."""
 from __future__ import annotations
 
 import errno
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from runs import (
     assert_same_outputs,
     embeddings,
     line_with,
+    ran_locally,
     run_stats,
     serve_processes,
     slurm_jobs,
@@ -44,7 +46,8 @@ SHARDS = 30
 BOTH_NODES = {"esm2-0": "node1", "dnabert_s-0": "node1", "esm2-1": "node2", "dnabert_s-1": "node2"}
 # A serve job: one stand-in GPU and 2 CPUs (the profile's 8 per GPU would leave a node with two
 # daemons no CPU for the other jobs), submitted held for the Placer.
-SERVE_RESOURCES = {"cpus_per_gpu": 2, "mem_mb": 8000, "slurm_extra": "--hold"}
+SPREAD_SERVE_RESOURCES = {"cpus_per_gpu": 2, "mem_mb": 8000}
+SERVE_RESOURCES = {**SPREAD_SERVE_RESOURCES, "slurm_extra": "--hold"}
 
 
 class Placer:
@@ -88,7 +91,7 @@ class Placer:
 
 
 def start_cluster_run(workdir: Path, cluster, **profile_resources) -> subprocess.Popen:
-    profile = write_profile(workdir, serve_model=SERVE_RESOURCES, **profile_resources)
+    profile = write_profile(workdir, **{"serve_model": SERVE_RESOURCES, **profile_resources})
     command = snakemake_command(
         workdir, "--workflow-profile", str(profile), "--configfile", str(workdir / "config.yaml")
     )
@@ -178,10 +181,11 @@ def test_each_daemon_ran_on_its_node_with_its_own_gpu_loaded_once_and_served_ove
     assert stats["daemons_lost"] == []
 
 
-def test_the_clients_ran_on_the_login_node_and_the_rest_as_slurm_jobs(spread_run):
+def test_the_clients_and_short_steps_ran_on_the_login_node_the_daemons_and_aggregation_as_slurm_jobs(spread_run):
     output = read_log(spread_run)
-    assert "localrule embed_esm2:" in output and "localrule embed_dnabert_s:" in output
-    assert "rule classify_shard:" in output and "localrule classify_shard:" not in output
+    for rule in ("embed_esm2", "embed_dnabert_s", "chunk_reads", "translate_chunks", "shard_frames", "classify_shard"):
+        assert ran_locally(output, rule), rule
+    assert list((spread_run / "logs" / "slurm" / "rule_aggregate_sample").glob("*/*.log"))
     for daemon in BOTH_NODES:
         assert list((spread_run / "logs" / "slurm" / "rule_serve_model" / daemon).glob("*.log")), daemon
 
@@ -261,6 +265,10 @@ def test_the_last_daemon_of_a_model_lost_stops_the_run_clearly_and_a_rerun_finis
             output = read_log(tmp_path)
             said = line_with(output, "virnucpro: stopping the model daemons:")
             assert "serve job of daemon esm2-0 on node2 failed with no restart left" in said, said
+            # the run's last words: the node it lost, and what went with it
+            last = line_with(output, "virnucpro: lost to the cluster:")
+            assert "node2 (NODE_FAIL) with 1 job(s): serve_model (daemon=esm2-0)" in last, last
+            assert output.index(last) > output.index(said) and output.rindex("Error in rule") < output.index(last)
             slurm_nodes.script("revive-node", "node2")
             kept = {path.name: path.stat().st_mtime_ns for path in embeddings(tmp_path)}
             rerun = start_cluster_run(tmp_path, slurm_nodes)
@@ -275,6 +283,83 @@ def test_the_last_daemon_of_a_model_lost_stops_the_run_clearly_and_a_rerun_finis
             if name in kept} == kept  # fmt: skip
     served = {entry["daemon_id"]: entry["shards"] for entry in run_stats(tmp_path)["daemons"]}
     assert sum(served.values()) == 2 * SHARDS - len(kept), (served, len(kept))  # only what was missing
+
+
+def serve_placement(cluster) -> dict[str, str]:
+    """Daemon ID -> the node where SLURM runs its serve job, for the serve jobs running now."""
+    running = cluster.command("squeue", "-h", "-t", "RUNNING", "-o", "%k|%N").stdout.splitlines()
+    return {comment.split("rule_serve_model_wildcards_", 1)[1].strip(): node
+            for comment, node in (line.split("|", 1) for line in running)
+            if "rule_serve_model_wildcards_" in comment}  # fmt: skip
+
+
+def running_jobs_of(cluster, rule: str) -> dict[str, int]:
+    """Node -> how many jobs of `rule` run there now."""
+    nodes: dict[str, int] = {}
+    for line in cluster.command("squeue", "-h", "-t", "RUNNING", "-o", "%k|%N").stdout.splitlines():
+        comment, node = line.split("|", 1)
+        if comment.strip().startswith(f"rule_{rule}_wildcards_"):
+            nodes[node] = nodes.get(node, 0) + 1
+    return nodes
+
+
+def start_with_one_of_each_model_per_node(workdir: Path, cluster, tries: int = 5) -> tuple[subprocess.Popen, dict]:
+    """Start the run (two daemons of each model, placed by SLURM) until SLURM has put one daemon of each model
+    on each node: the run must keep a daemon of each model when a node is lost, and SLURM places the serve
+    jobs in the order snakemake submits them, which varies (in runs so far the placement was mixed)."""
+    for _ in range(tries):
+        run = start_cluster_run(workdir, cluster, serve_model=SPREAD_SERVE_RESOURCES)
+        placement = wait_until(lambda: (placed := serve_placement(cluster)) and len(placed) == 4 and placed, 300,
+                               "the four serve jobs running", run)  # fmt: skip
+        models = {}
+        for daemon, node in placement.items():
+            models.setdefault(node, set()).add(daemon.rsplit("-", 1)[0])
+        if all(found == {"esm2", "dnabert_s"} for found in models.values()):
+            return run, placement
+        interrupt(run)
+        wait_until(lambda: slurm_jobs(cluster.env) == "", 120, "the interrupted run's jobs gone")
+        for name in ("results", "logs", ".snakemake", ".virnucpro"):
+            shutil.rmtree(workdir / name, ignore_errors=True)
+    raise AssertionError(f"SLURM placed both daemons of a model on one node in {tries} runs")
+
+
+def test_the_node_running_classify_jobs_and_a_daemon_of_each_model_lost_the_run_ends_well_and_lists_the_loss(
+    slurm_nodes, test_models, local_run, tmp_path
+):
+    # SLURM's own placement (no hold, no release); the CPU steps are SLURM jobs (cluster_local_steps: []).
+    write_config(tmp_path, test_models, {"demo": str(DEMO_READS)}, shard_size=SHARD_SIZE, cluster_local_steps=[],
+                 daemons={"esm2": ["gpu-slot:cpu"] * 2, "dnabert_s": ["gpu-slot:cpu"] * 2})  # fmt: skip
+    run = victim = None
+    try:
+        run, placement = start_with_one_of_each_model_per_node(tmp_path, slurm_nodes)
+        busy = wait_until(lambda: running_jobs_of(slurm_nodes, "classify_shard"), 600, "classify jobs running", run)
+        victim = max(busy, key=busy.get)
+        done_before = len(embeddings(tmp_path))
+        slurm_nodes.script("kill-node", victim)
+        killed = time.time()
+        code = finish(run)
+    finally:
+        interrupt(run)
+        if victim:
+            slurm_nodes.script("revive-node", victim, check=False)
+    output = read_log(tmp_path)
+    assert code == 0, output[-10000:]
+    assert done_before < 2 * SHARDS, "the node was killed after the last embedding"
+    assert_same_outputs(tmp_path, local_run)
+    assert len(embeddings(tmp_path)) == 2 * SHARDS
+
+    stats = run_stats(tmp_path)
+    lost = {event["daemon"]: event for event in stats["daemons_lost"]}
+    assert sorted(lost) == sorted(daemon for daemon, node in placement.items() if node == victim), stats
+    assert all(event["host"] == victim and event["time"] >= killed for event in lost.values()), lost
+    jobs = [event for event in stats["jobs_lost"] if event["rule"] == "classify_shard"]
+    assert jobs and all(job["node"] == victim and job["state"] == "NODE_FAIL" and job["retried"] for job in jobs), jobs
+    assert "virnucpro: lost to the cluster:" not in output  # the run did not stop
+    print(
+        f"\nserve jobs: {placement}; killed {victim} with {busy[victim]} classify job(s) running and "
+        f"{done_before} of {2 * SHARDS} embeddings done; lost: {sorted(lost)} and "
+        f"{', '.join(job['job'] for job in jobs)}; the run ended {time.time() - killed:.0f} s after the kill"
+    )
 
 
 def _embedded_events(workdir: Path) -> list[tuple[float, str]]:

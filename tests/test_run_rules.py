@@ -167,6 +167,31 @@ def test_keep_going_keeps_the_daemons_working_for_the_other_samples(workdir, tes
     assert daemons_in(workdir) == {}
 
 
+def test_a_serve_job_that_fails_once_the_run_is_stopping_is_not_restarted(workdir, test_models, gate):
+    # The bad sample's reads are held (a file lease) until the daemons are up; then the only ESM-2 daemon is
+    # frozen and the reads let go: chunk_reads fails (duplicate read ID), the run decides to stop, and the
+    # frozen daemon's serve job kills it and fails (it held its model's last daemon), which would have it
+    # restarted (daemon_restarts) were the run going on.
+    held = gate(workdir / "dup.fa", ">r1\nACGTACGTAC\n>r1\nACGTACGTAC\n")
+    configure(workdir, test_models, {"demo": str(DEMO_READS), "bad": str(held.path)}, freeze_timeout=FREEZE_TIMEOUT)
+    run = start_run(workdir)
+    wait_until(lambda: len(daemons_in(workdir)) == 2 and len(registry_ready(workdir)) == 2, 120, "daemons ready", run)
+    [frozen] = daemon_pids(workdir, "esm2-0")
+    os.kill(frozen, signal.SIGSTOP)
+    held.open()
+    assert run.wait(timeout=600) != 0
+    output = run_output(workdir)
+    assert "duplicate read ID" in output and "Error in rule serve_model" in output, output[-10000:]
+    assert "Trying to restart job" not in output
+    assert daemons_in(workdir) == {}
+
+
+def registry_ready(workdir: Path) -> list[str]:
+    from virnucpro.serving import registry
+
+    return [entry["daemon_id"] for entry in registry.list_entries(workdir / ".virnucpro") if entry["state"] == "ready"]
+
+
 # --- 5. and 7. what decides that a shard is embedded again ----------------------------------------
 
 

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from virnucpro import atomic
+from virnucpro.cluster.losses import JobLosses, Verdict
 from virnucpro.errors import UserError, environmental
 from virnucpro.layout import DAEMON_STATS_SUFFIX, RunFiles
 from virnucpro.serving import registry, timing
@@ -64,13 +65,14 @@ class RunWatch:
 
     def __init__(self, run: RunDir, session: str, *, specs: dict[str, DaemonSpec], idle_timeout: float,
                  daemon_restarts: int, job_settings: dict, serve_rule: str = "serve_model",
-                 guarded: tuple[Path, ...] = ()):  # fmt: skip
+                 guarded: tuple[Path, ...] = (), losses: JobLosses | None = None):  # fmt: skip
         self.run, self.session = run, session
         self.specs = specs
         self.models = tuple(dict.fromkeys(spec.model for spec in specs.values()))
         self.idle_timeout, self.daemon_restarts = idle_timeout, daemon_restarts
         self.job_settings = job_settings
         self.serve_rule = serve_rule
+        self.losses = losses  # tells a job lost with its node from one that failed on its own (cluster runs)
         self.guarded = (run.root, *guarded)  # folders whose disk must not fill up: jobs could not say why
         self.keep_going = False
         self.plan: SnakemakePlan | None = None
@@ -149,13 +151,22 @@ class RunWatch:
                 self.running.add(jobid)
                 self.started_at = time.monotonic()
 
-    def job_ended(self, jobid: int, rule: str | None, failed: bool) -> None:
+    def job_ended(self, jobid: int, rule: str | None, failed: bool, why: str | None = None) -> None:
         with self.lock:
             self.running.discard(jobid)
             if failed and rule != self.serve_rule:
-                self.failed_at, self.failure = time.monotonic(), "a job failed"
+                self.failed_at, self.failure = time.monotonic(), why or "a job failed"
 
-    def serve_job_failed(self, daemon_id: str, started: float) -> None:
+    def judge(self, record: logging.LogRecord) -> Verdict | None:
+        """A failed job's verdict (None without ``losses``): lost with its node and submitted again, or the
+        run's failure; nothing is submitted again once the run is stopping."""
+        if self.losses is None:
+            return None
+        with self.lock:
+            stopping = "*" in self.stopped or (self.failed_at is not None and not self.keep_going)
+        return self.losses.judge(record, stopping)
+
+    def serve_job_failed(self, daemon_id: str, started: float, detail: str | None = None) -> None:
         """A serve job that failed took its daemon with it, unless its serve job said what happened: record
         the loss (a node lost, the job killed by the cluster) with what the registry knew of the daemon. A
         serve job that snakemake restarts no more (``daemon_restarts``) is a failed job of the run."""
@@ -176,7 +187,8 @@ class RunWatch:
         self.run.record_event(event="lost", daemon=daemon_id, model=entry.get("model"), host=entry.get("host"),
                               address=entry.get("address"), gpus=entry.get("gpus"), pid=entry.get("pid"),
                               session=self.session, last_heartbeat=entry.get("heartbeat"),
-                              detail="its serve job failed (its node or job was lost)")  # fmt: skip
+                              progress=entry.get("progress"),
+                              detail=detail or "its serve job failed (its node or job was lost)")  # fmt: skip
         # Gone with its job: clients stop asking it at once, not once its heartbeat is stale (a daemon that
         # is still alive after all rewrites its entry within ENTRY_REFRESH_EVERY).
         registry.remove_entry(self.run, daemon_id)
@@ -324,10 +336,14 @@ class _JobEvents(logging.Handler):
             self.watch.job_ended(record.job_id, self.rules.get(record.job_id), failed=False)
         elif event == "job_error":
             rule = getattr(record, "rule_name", None)
-            self.watch.job_ended(record.jobid, rule, failed=True)
+            verdict = self.watch.judge(record)
+            failed = verdict is None or verdict.fails_the_run
+            self.watch.job_ended(record.jobid, rule, failed=failed, why=verdict.why if verdict else None)
             daemon = _DAEMON_OUTPUT.search(str(getattr(record, "output", "")))
             if rule == self.watch.serve_rule and daemon:
-                self.watch.serve_job_failed(daemon.group(1), self.started.get(record.jobid, 0.0))
+                loss = verdict.loss if verdict else None
+                detail = f"its node {loss.node or '(unknown)'} was lost ({loss.state})" if loss else None
+                self.watch.serve_job_failed(daemon.group(1), self.started.get(record.jobid, 0.0), detail)
 
 
 def refuse_if_in_use(run: RunDir, session: str) -> None:

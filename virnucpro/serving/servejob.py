@@ -116,8 +116,10 @@ def serve_job(run_dir: Path, daemon_id: str, stats_output: Path, attempts_log: P
         _say(f"virnucpro serve-job: daemon {daemon_id} cannot start: {reason} (not retried: a restart would not help)")
         return ServeJobExit.DONE
     how = "froze and was killed" if watcher.frozen else f"died ({_describe_exit(code)})"
+    progress = entry.get("progress") if entry is not None and entry.get("pid") == child.pid else None
     run.record_event(event="frozen" if watcher.frozen else "lost", daemon=daemon_id, model=spec.model,
-                     host=socket.gethostname(), pid=child.pid, session=session, attempt=attempt, detail=how)  # fmt: skip
+                     host=socket.gethostname(), pid=child.pid, session=session, attempt=attempt, detail=how,
+                     progress=progress)  # fmt: skip
     others = [entry["daemon_id"] for entry in registry.list_entries(run, spec.model)
               if entry["daemon_id"] != daemon_id and entry.get("state") in (State.LOADING, State.READY)]  # fmt: skip
     if others:

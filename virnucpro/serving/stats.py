@@ -87,20 +87,27 @@ def write_run_stats(attempts: list[dict], output: Path) -> None:
     def total(key: str, entries: list[dict]) -> int:
         return sum(int(entry.get(key) or 0) for entry in entries)
 
+    def done(key: str, attempt: dict) -> int:
+        """What the attempt's daemons did: their statistics, and what the lost ones had done (their last
+        published progress: a daemon lost with its node writes no statistics)."""
+        losses = [event.get("progress") or {} for event in attempt["events"] if event.get("event") in LOSS_EVENTS]
+        return total(key, attempt["daemons"]) + total(key, losses)
+
     summary = {
         "attempts": [
             {**{key: value for key, value in attempt.items() if key not in ("daemons", "events")},
              "daemons": [daemon.get("daemon_id") for daemon in attempt["daemons"]],
-             "model_loads": total("model_loads", attempt["daemons"]), "shards": total("shards", attempt["daemons"]),
-             "tokens": total("tokens", attempt["daemons"]),
+             "model_loads": total("model_loads", attempt["daemons"]), "shards": done("shards", attempt),
+             "tokens": done("tokens", attempt),
              "losses": [event for event in attempt["events"] if event.get("event") in LOSS_EVENTS]}
             for attempt in attempts
         ],
         "daemons": daemons,
         "model_loads": total("model_loads", daemons),
-        "shards": total("shards", daemons),
-        "tokens": total("tokens", daemons),
+        "shards": sum(done("shards", attempt) for attempt in attempts),
+        "tokens": sum(done("tokens", attempt) for attempt in attempts),
         "daemons_lost": [event for event in events if event.get("event") in LOSS_EVENTS],
+        "jobs_lost": [event for event in events if event.get("event") == "job_lost"],  # with their node (cluster)
         "events": events,
     }  # fmt: skip
     atomic.write_text(Path(output), json.dumps(summary, indent=2) + "\n")

@@ -1,5 +1,6 @@
-# Configuration and sample checks (at parse time, one-line errors), the check that the daemons can
-# make progress (onstart), and the input and params functions of the rules.
+# Configuration and sample checks (at parse time, one-line errors), the checks that the daemons can
+# make progress and that the cluster can run the jobs (onstart), and the input and params functions
+# of the rules.
 
 import csv
 import functools
@@ -17,6 +18,8 @@ from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
+from virnucpro.cluster.fit import cluster_misfit
+from virnucpro.cluster.losses import JobLosses
 from virnucpro.engines.embed import GPU_SLOT_CPU, MODELS
 from virnucpro.engines.esm2_options import parse_engine
 from virnucpro.errors import UserError
@@ -177,7 +180,8 @@ DAEMONS = daemon_table(config) if DAEMON_MODE else {}
 # Absolute: the run's threads outlive snakemake's change into --directory (and back, at its end).
 RUN = RunDir(os.path.abspath(config["run_dir"]))
 RUN_DIR = str(RUN.root)
-# With a cluster executor the embedding clients run where snakemake runs (localrules, Snakefile).
+# With a cluster executor the embedding clients (and config key cluster_local_steps) run where snakemake
+# runs (localrules, Snakefile).
 LOCAL_CLIENTS = DAEMON_MODE and config["cluster_local_clients"]
 MAIN_PROCESS = not (workflow.remote_exec or workflow.subprocess_exec)  # not a job's own snakemake
 # `snakemake --report FILE` (not --report-after-run) renders what earlier runs made: the finished samples,
@@ -212,6 +216,13 @@ def check_progress():
             f"{gpus} GPU daemon(s) but only gpu={limit} in --resources: the daemons would wait for "
             f"each other; use --resources gpu={gpus} or configure fewer GPU daemons"
         )
+
+
+def check_cluster_fit():
+    """Refuse (before any job is submitted) a run whose SLURM requests no node of its partition can meet."""
+    misfit = cluster_misfit(workflow)
+    if misfit:
+        raise WorkflowError(misfit)
 
 
 def get_sample_outputs(samples=None):

@@ -22,6 +22,10 @@ SESSION = os.environ.get(SESSION_VARIABLE, "none")
 EMBED_RULES = {"embed_esm2": "esm2", "embed_dnabert_s": "dnabert_s"}
 PREP_RULES = ("chunk_reads", "translate_chunks", "shard_frames")
 FORCING_RULES = set(EMBED_RULES) | set(PREP_RULES)  # --forcerun of these makes embedding jobs run
+if MAIN_PROCESS:
+    # A job lost with its node (NODE_FAIL, BOOT_FAIL, PREEMPTED) is submitted again and is not the run's
+    # failure; one that failed on its own is not submitted again (docs/cluster.md, "A node dies").
+    JOB_LOSSES = JobLosses(workflow, RUN, SESSION)
 if MAIN_PROCESS and DAEMON_MODE:
     RUN_WATCH = RunWatch(
         RUN,
@@ -30,6 +34,7 @@ if MAIN_PROCESS and DAEMON_MODE:
         idle_timeout=config["idle_timeout"],
         daemon_restarts=config["daemon_restarts"],
         guarded=(Path("logs").absolute(),),
+        losses=JOB_LOSSES,
         job_settings={
             "client_timeout": config["client_timeout"],
             "on_failure": "record" if config["failure_policy"] == "continue" else "fail",
@@ -39,6 +44,7 @@ if MAIN_PROCESS and DAEMON_MODE:
 
 onstart:
     check_progress()
+    check_cluster_fit()
     if DAEMON_MODE:
         plan = SnakemakePlan(workflow, embed_rules=EMBED_RULES, prep_rules=PREP_RULES, serve_rule="serve_model")
         RUN_WATCH.job_settings["progress"] = get_progress_settings()
@@ -59,6 +65,7 @@ onsuccess:
 onerror:
     if DAEMON_MODE:
         RUN_WATCH.close(success=False)
+    JOB_LOSSES.report(logger)  # the run's last words when it stops after losing jobs with a node
 
 
 # A serve job has no input and one tracked param, `attempt`: the session of the run that needs it (it runs
