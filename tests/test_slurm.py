@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -17,11 +18,13 @@ from runs import (
     DEMO_READS,
     IDLE_TIMEOUT,
     REPO,
+    processes_in,
     ran_locally,
     serve_processes,
     slurm_jobs,
     snakemake,
     snakemake_command,
+    wait_until,
     write_config,
     write_profile,
 )
@@ -128,7 +131,7 @@ def test_a_run_that_failed_before_its_daemons_started_ends_them_without_waiting_
     output = (tmp_path / "snakemake.out").read_text()
     assert run.returncode != 0 and "Error in rule chunk_reads" in output
     for log in (tmp_path / "logs" / "daemons").glob("*-0.log"):
-        assert "the run is ending; not starting the daemon" in log.read_text(), log.name
+        assert "the run is ending; not starting the daemon" in log.read_text(), log.name  # serve-job's words
     assert slurm_jobs(slurm_env) == "" and serve_processes(tmp_path) == []
 
 
@@ -155,4 +158,40 @@ def test_a_job_that_failed_on_its_own_is_not_submitted_again_despite_the_profile
     assert result.returncode != 0 and "duplicate read ID" in result.stdout
     assert "Trying to restart job" not in result.stdout, result.stdout[-5000:]
     assert len(list((tmp_path / "logs" / "slurm" / "rule_chunk_reads").glob("*/*.log"))) == 1  # submitted once
+    assert slurm_jobs(slurm_env) == "" and serve_processes(tmp_path) == []
+
+
+def test_a_run_that_failed_after_its_daemons_stopped_resumes_without_submitting_a_daemon(
+    runs, slurm_env, test_models, tmp_path, gate
+):
+    # The sample's aggregation (a SLURM job) is held at its input until both daemons have stopped, then
+    # killed: the run fails with every embedding made. Its re-run must submit no serve job at all.
+    config = write_config(tmp_path, test_models, {"demo": str(DEMO_READS)})
+    profile = write_profile(tmp_path)
+    work = tmp_path / "results" / "demo" / "work"
+    command = snakemake_command(tmp_path, "--workflow-profile", str(profile), "--configfile", str(config))
+    with open(tmp_path / "snakemake.out", "w") as out:
+        run = subprocess.Popen(command, cwd=tmp_path, env=slurm_env, stdout=out, stderr=subprocess.STDOUT)
+    wait_until(lambda: (work / "chunked.fa").exists(), 300, "chunking done", run)
+    held = gate(work / "reads_index.tsv")
+    stats = tmp_path / "results" / "daemons"
+    wait_until(lambda: len(list(stats.glob("*.stats.json"))) == 2 and not serve_processes(tmp_path), 600,
+               "both daemons stopped with their statistics", run)  # fmt: skip
+    wait_until(held.waiting, 300, "the aggregation (a SLURM job) waiting for its input", run)
+    for pid, line in processes_in(tmp_path).items():
+        if "virnucpro aggregate" in line:
+            os.kill(pid, signal.SIGKILL)
+    assert run.wait(timeout=300) != 0
+    held.open()
+
+    started = time.monotonic()
+    result = snakemake(tmp_path, "--workflow-profile", str(profile), "--configfile", str(config), env=slurm_env)
+    print(f"the re-run after the late failure took {time.monotonic() - started:.0f} s")
+    assert result.returncode == 0, result.stdout[-10000:]
+    assert "rule serve_model:" not in result.stdout and "embed_esm2:" not in result.stdout
+    assert len(list((tmp_path / "logs" / "slurm" / "rule_serve_model").glob("*/*.log"))) == 2  # the first run's
+    for name in COMPARED:
+        assert (tmp_path / "results" / "demo" / name).read_bytes() == (
+            runs["local"] / "results" / "demo" / name
+        ).read_bytes()
     assert slurm_jobs(slurm_env) == "" and serve_processes(tmp_path) == []

@@ -70,11 +70,13 @@ def serve_job(run_dir: Path, daemon_id: str, stats_output: Path, attempts_log: P
                      host=socket.gethostname(), job_pid=os.getpid())  # fmt: skip
     stops = run.stop_tokens(spec.model, settings.get("stop_baselines"))
     _clear_earlier_entry(run, daemon_id, session)
-    if stops.changed() is not None:
+    stopped = stops.changed()
+    if stopped is not None:
+        why = "the run is ending" if stopped == run.stop_file else "its model has no work left in this run"
         _write_final(run, stats_output, {"daemon_id": daemon_id, "model": spec.model, "model_loads": 0, "shards": 0,
                                          "session": session, "attempt": attempt,
-                                         "exit_reason": "not started: its model has no work left"})  # fmt: skip
-        _say(f"virnucpro serve-job: {daemon_id}: its model has no work left in this run; not starting the daemon")
+                                         "exit_reason": f"not started: {why}"})  # fmt: skip
+        _say(f"virnucpro serve-job: {daemon_id}: {why}; not starting the daemon")
         return ServeJobExit.DONE
     log_file = _open_attempts_log(attempts_log, attempt, session, daemon_id)
     command = [sys.executable, "-m", "virnucpro", "serve", "--from-run", "--run-dir", str(run.root),
