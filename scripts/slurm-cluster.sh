@@ -484,9 +484,10 @@ kill_node() {  # kill_node NODE: the node is lost: all its processes die at once
     namespace_pids "$ns_prefix$name"
     [ "${#pids[@]}" -eq 0 ] || kill -KILL "${pids[@]}" 2> /dev/null || true
     ip link set "$ns_prefix$name" down
-    for _ in $(seq 40); do
+    for _ in $(seq 40); do  # again and again: a process may have forked one between the listing and the kill
         namespace_pids "$ns_prefix$name"
         [ "${#pids[@]}" -eq 0 ] && break
+        kill -KILL "${pids[@]}" 2> /dev/null || true
         sleep 0.25
     done
     [ "${#pids[@]}" -eq 0 ] || die "processes left in $name: ${pids[*]}"

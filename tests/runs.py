@@ -207,22 +207,6 @@ def seconds_until_no_daemon(workdir: Path, since: float, limit: float) -> float:
     return time.monotonic() - since
 
 
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_bytes().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def kill_all_in(workdir: Path) -> None:
     """SIGKILL every process still working in `workdir` (a test's clean-up)."""
     for pid in processes_in(workdir):

@@ -19,7 +19,6 @@ from runs import (
     DEMO_READS,
     assert_same_outputs,
     daemons_in,
-    descendants,
     kill_all_in,
     run_stats,
     run_workflow,
@@ -33,6 +32,7 @@ from runs import (
     write_config,
 )
 
+from virnucpro.serving.runwatch import descendants
 from virnucpro.serving.timing import AFTER_ERROR, DRAIN_GRACE
 from virnucpro.serving.timing import RUN_HEARTBEAT_EVERY as HEARTBEAT_EVERY
 

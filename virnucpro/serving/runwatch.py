@@ -11,8 +11,9 @@ Started in ``onstart`` (docs/daemons.md, "Lifecycle in a run"), it
   (its stop token) once the plan holds no embedding of it that can still run; all daemons a few
   seconds after a failed job (unless the run keeps going), after ``idle_timeout`` with nothing but
   serve jobs running, or at once on SIGINT, SIGTERM or SIGHUP;
-- ends the run (SIGINT to snakemake) within seconds when the run folder cannot be written (a full disk),
-  naming the path: a heartbeat that stopped would otherwise orphan the serve jobs while snakemake waits.
+- ends the run (SIGINT to snakemake and its local jobs) within seconds when the run folder cannot be
+  written (a full disk), naming the path: a heartbeat that stopped would otherwise orphan the serve jobs
+  while snakemake waits.
 
 It owns the decision "the run has nothing left for a daemon"; the serve job owns "the daemon is dead"
 (``servejob``), the clients only "this exchange is lost" (``client``).
@@ -63,12 +64,12 @@ class RunWatch:
     """The workflow run's side of the daemons' lifecycle; ``start`` it in snakemake's ``onstart``, ``close`` it
     in ``onsuccess`` and ``onerror``."""
 
-    def __init__(self, run: RunDir, session: str, *, specs: dict[str, DaemonSpec], idle_timeout: float,
-                 daemon_restarts: int, job_settings: dict, serve_rule: str = "serve_model",
-                 guarded: tuple[Path, ...] = (), losses: JobLosses | None = None):  # fmt: skip
+    def __init__(self, run: RunDir, session: str, *, idle_timeout: float, daemon_restarts: int, job_settings: dict,
+                 serve_rule: str = "serve_model", guarded: tuple[Path, ...] = (),
+                 losses: JobLosses | None = None):  # fmt: skip
         self.run, self.session = run, session
-        self.specs = specs
-        self.models = tuple(dict.fromkeys(spec.model for spec in specs.values()))
+        self.specs: dict[str, DaemonSpec] = {}  # given to start: a spec's transport depends on the executor
+        self.models: tuple[str, ...] = ()
         self.idle_timeout, self.daemon_restarts = idle_timeout, daemon_restarts
         self.job_settings = job_settings
         self.serve_rule = serve_rule
@@ -89,10 +90,13 @@ class RunWatch:
         self.lock = threading.Lock()
 
     # --- start --------------------------------------------------------------------------------------
-    def start(self, logger: logging.Logger, *, plan: SnakemakePlan | None, keep_going: bool, local: bool,
-              workdir: str) -> None:  # fmt: skip
-        """Take the run folder for this run and start watching (see the module's doc). UserError, before
-        anything changed, if the folder is another live run's or the plan needs daemons it does not hold."""
+    def start(self, logger: logging.Logger, *, specs: dict[str, DaemonSpec], plan: SnakemakePlan | None,
+              keep_going: bool, local: bool, workdir: str) -> None:  # fmt: skip
+        """Take the run folder for this run and start watching (see the module's doc) its daemons ``specs``.
+        UserError, before anything changed, if the folder is another live run's or the plan needs daemons it
+        does not hold."""
+        self.specs = specs
+        self.models = tuple(dict.fromkeys(spec.model for spec in specs.values()))
         self.run.root.mkdir(parents=True, exist_ok=True)
         refuse_if_in_use(self.run, self.session)
         full = full_disk(self.guarded)
@@ -283,7 +287,8 @@ class RunWatch:
 
     def fatal(self, error: BaseException) -> None:
         """The run cannot go on (its run folder cannot be written, a guarded disk is full): say why in one line,
-        and end snakemake as on Ctrl-C (it cancels its jobs; the serve jobs stop their daemons). Raises
+        and end the run as Ctrl-C in its terminal would: SIGINT to snakemake and to its local jobs (snakemake
+        does not stop them itself; the serve jobs stop their daemons, waiting clients give up). Raises
         nothing."""
         if self.fatal_reported:
             return
@@ -291,6 +296,11 @@ class RunWatch:
         cause = error.strerror if isinstance(error, OSError) and error.filename is None else None
         cause = cause or environmental(error) or error
         log.error("virnucpro: the run cannot go on: %s; fix it and run again (the run resumes)", cause)
+        for pid in descendants(os.getpid()):
+            try:
+                os.kill(pid, signal.SIGINT)
+            except OSError:  # it ended meanwhile
+                pass
         os.kill(os.getpid(), signal.SIGINT)
 
     def _on_signal(self, previous: Callable | int | None):
@@ -306,6 +316,24 @@ class RunWatch:
                 os.kill(os.getpid(), number)
 
         return handler
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (its children, theirs, ...), read from ``/proc``; none where there is no
+    ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
 
 
 class _JobEvents(logging.Handler):

@@ -330,7 +330,8 @@ def get_daemon_gpus(wildcards):
 
 def get_daemon_specs():
     """Every daemon's spec (serving.spec.DaemonSpec), for the run's settings (read by its serve job and its
-    daemon): the config's transport, else ipc for a local run and tcp (across nodes) with a cluster executor."""
+    daemon): the config's transport, else ipc for a local run and tcp (across nodes) with a cluster executor.
+    Call it from onstart: while the Snakefile is parsed, snakemake has not chosen its executor yet."""
     transport = config["transport"] or ("ipc" if workflow.local_exec else "tcp")
     return {
         daemon: DaemonSpec(

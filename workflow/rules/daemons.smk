@@ -30,7 +30,6 @@ if MAIN_PROCESS and DAEMON_MODE:
     RUN_WATCH = RunWatch(
         RUN,
         SESSION,
-        specs=get_daemon_specs(),
         idle_timeout=config["idle_timeout"],
         daemon_restarts=config["daemon_restarts"],
         guarded=(Path("logs").absolute(),),
@@ -51,7 +50,12 @@ onstart:
         keep_going = bool(getattr(workflow.execution_settings, "keep_going", False))
         try:
             RUN_WATCH.start(
-                logger, plan=plan, keep_going=keep_going, local=workflow.local_exec, workdir=os.getcwd()
+                logger,
+                specs=get_daemon_specs(),  # here: the executor (local or cluster) is known only now
+                plan=plan,
+                keep_going=keep_going,
+                local=workflow.local_exec,
+                workdir=os.getcwd(),
             )
         except UserError as error:
             raise WorkflowError(str(error)) from None
