@@ -209,22 +209,13 @@ LEASE_BREAK_TIME = Path("/proc/sys/fs/lease-break-time")
 @pytest.fixture
 def gate():
     """Make shard files that no one can open until the test opens them (daemon_helpers.Gate); every gate
-    is opened at the end of the test. SIGIO, the kernel's notice to a lease holder, is ignored meanwhile.
-    As root, the kernel's own limit on a held lease goes from 45 s to 10 min for the test (a loaded
-    machine can take longer than 45 s between a gate's first reader and its opening)."""
+    is opened at the end of the test. SIGIO, the kernel's notice to a lease holder, is ignored meanwhile."""
     import signal
 
     from daemon_helpers import Gate
 
     made: list[Gate] = []
     previous = signal.signal(signal.SIGIO, signal.SIG_IGN)
-    break_time = None
-    if os.geteuid() == 0 and LEASE_BREAK_TIME.exists():
-        try:
-            break_time = LEASE_BREAK_TIME.read_text()
-            LEASE_BREAK_TIME.write_text("600\n")
-        except OSError:  # /proc/sys read-only (a container): the kernel's 45 s stay
-            break_time = None
 
     def make(path: Path, text: str | None = None) -> Gate:
         made.append(Gate(path, text))
@@ -236,5 +227,20 @@ def gate():
         for each in made:
             each.close()
         signal.signal(signal.SIGIO, previous)
-        if break_time is not None:
-            LEASE_BREAK_TIME.write_text(break_time)
+
+
+@pytest.fixture
+def long_leases():
+    """As root, the kernel's own limit on a gate held against a reader goes from 45 s to 10 min for the
+    test (a loaded machine can take longer than 45 s between a gate's first reader and its opening); the
+    kernel's 45 s stay where /proc/sys cannot be written (a container)."""
+    break_time = None
+    if os.geteuid() == 0 and LEASE_BREAK_TIME.exists():
+        try:
+            break_time = LEASE_BREAK_TIME.read_text()
+            LEASE_BREAK_TIME.write_text("600\n")
+        except OSError:
+            break_time = None
+    yield
+    if break_time is not None:
+        LEASE_BREAK_TIME.write_text(break_time)

@@ -76,7 +76,7 @@ class Gate:
     it blocks until the lease is given up, so a daemon's model thread that starts the shard stays in the
     middle of it, before it has read anything, for as long as the test needs. ``waiting`` tells that a
     reader is blocked on it. The kernel breaks a lease by itself after ``/proc/sys/fs/lease-break-time``
-    seconds (45 by default; the ``gate`` fixture makes it 600 as root); ``open`` fails the test if that
+    seconds (45 by default; the ``long_leases`` fixture makes it 600 as root); ``open`` fails the test if that
     happened. Nothing may read the file before the gate is open, the test included. The ``gate`` fixture makes gates (and ignores SIGIO, the
     kernel's notice to a lease holder).
     """

@@ -180,7 +180,8 @@ def test_a_run_from_another_folder_leaves_nothing_there_and_never_disturbs_the_r
     kill_all_in(here)
 
 
-def test_a_run_folder_in_use_by_a_live_run_is_refused_in_one_line(tmp_path, test_models, reference, gate):
+def test_a_run_folder_in_use_by_a_live_run_is_refused_in_one_line(tmp_path, test_models, reference, gate,
+                                                                  long_leases):  # fmt: skip
     first, second = tmp_path / "first", tmp_path / "second"
     shared = tmp_path / "shared-run-folder"
     configure(first, test_models, run_dir=str(shared), client_timeout=900)  # its clients wait on the gates
