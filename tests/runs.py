@@ -4,6 +4,7 @@ conftest.py."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -263,3 +264,23 @@ def slurm_jobs(env: dict[str, str]) -> str:
     queue = subprocess.run(["squeue", "-h", "-t", "PENDING,RUNNING,COMPLETING", "-o", "%i %j"], env=env,
                            capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
     return queue.stdout.strip()
+
+
+def gate_esm2_shards(workdir: Path, gate, count: int | None = None, run: subprocess.Popen | None = None) -> list:
+    """Hold (the ``gate`` fixture's file leases) every ESM-2 shard file of the demo sample as soon as
+    shard_frames has written them (``count`` of them, if given), before a daemon opens them; the gates."""
+    shards = workdir / "results" / "demo" / "work" / "shards"
+
+    def written() -> bool:
+        found = len(list(shards.glob("shard_*.faa")))
+        return found == count if count is not None else found > 0
+
+    wait_until(written, 300, "the ESM-2 shard files written", run)
+    gates = []
+    for path in sorted(shards.glob("shard_*.faa")):
+        try:
+            gates.append(gate(path))
+        except OSError as error:  # taken already: the test was late for this one
+            assert error.errno == errno.EAGAIN, error
+    assert gates, "every shard file was opened before the test could hold one"
+    return gates

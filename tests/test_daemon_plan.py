@@ -6,7 +6,6 @@ that cannot start is not retried; every attempt of a serve job keeps its log."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ from runs import (
     assert_same_outputs,
     daemon_pids,
     daemons_in,
+    gate_esm2_shards,
     kill_all_in,
     line_with,
     processes_in,
@@ -190,15 +190,7 @@ def test_a_run_folder_in_use_by_a_live_run_is_refused_in_one_line(tmp_path, test
     try:
         # The first run stays alive until the test is done: its ESM-2 shards are held (no start-up check of
         # a later run reads a shard whose embedding is not made).
-        shards = first / "results" / "demo" / "work" / "shards"
-        wait_until(lambda: list(shards.glob("*.faa")), 300, "the shards written", run)
-        held = []
-        for path in sorted(shards.glob("*.faa")):
-            try:
-                held.append(gate(path))
-            except OSError as error:  # taken already: the daemon was quicker for this one
-                assert error.errno == errno.EAGAIN, error
-        assert held, "every shard was opened before the test could hold one"
+        held = gate_esm2_shards(first, gate, run=run)
         wait_until(lambda: daemon_pids(first, "esm2-0"), 300, "the first run serving", run)
         refused = run_workflow(second)
         assert refused.returncode != 0

@@ -11,7 +11,6 @@ is in the middle of a shard when the node dies."""
 
 from __future__ import annotations
 
-import errno
 import shutil
 import signal
 import socket
@@ -21,11 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_helpers import Gate
 from runs import (
     DEMO_READS,
     assert_same_outputs,
     embeddings,
+    gate_esm2_shards,
     line_with,
     ran_locally,
     run_stats,
@@ -114,20 +113,6 @@ def interrupt(run: subprocess.Popen | None) -> None:
         run.wait(timeout=180)
 
 
-def gate_esm2_shards(workdir: Path, gate) -> list[Gate]:
-    """Hold every ESM-2 shard file as soon as shard_frames has written them all (before any client runs)."""
-    shards = workdir / "results" / "demo" / "work" / "shards"
-    wait_until(lambda: len(list(shards.glob("shard_*.faa"))) == SHARDS, 300, f"{SHARDS} shard files")
-    gates = []
-    for path in sorted(shards.glob("shard_*.faa")):
-        try:
-            gates.append(gate(path))
-        except OSError as error:  # taken already: the test was late for this one
-            assert error.errno == errno.EAGAIN, error
-    assert gates, "every shard file was opened before the test could hold one"
-    return gates
-
-
 def read_log(workdir: Path) -> str:
     return (workdir / "snakemake.out").read_text()
 
@@ -207,7 +192,7 @@ def test_a_node_lost_while_its_daemons_hold_shards_the_others_finish_the_run_wit
     try:
         with Placer(slurm_nodes, BOTH_NODES):
             run = start_cluster_run(tmp_path, slurm_nodes)
-            gates = gate_esm2_shards(tmp_path, gate)
+            gates = gate_esm2_shards(tmp_path, gate, SHARDS)
             # Both ESM-2 daemons are in the middle of a shard (each model thread blocked opening one).
             wait_until(lambda: sum(held.waiting() for held in gates) == 2, 300, "both ESM-2 daemons on a shard", run)
             done_before = len(embeddings(tmp_path))
@@ -253,7 +238,7 @@ def test_the_last_daemon_of_a_model_lost_stops_the_run_clearly_and_a_rerun_finis
     try:
         with Placer(slurm_nodes, placement):
             run = start_cluster_run(tmp_path, slurm_nodes)
-            gates = gate_esm2_shards(tmp_path, gate)
+            gates = gate_esm2_shards(tmp_path, gate, SHARDS)
             # esm2-0 in the middle of a shard, and something embedded already (by dnabert_s-0, on node1).
             wait_until(lambda: any(held.waiting() for held in gates) and embeddings(tmp_path), 300,
                        "esm2-0 on a shard after a first embedding", run)  # fmt: skip
