@@ -203,9 +203,6 @@ def shared(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]):
         daemon.kill()
 
 
-LEASE_BREAK_TIME = Path("/proc/sys/fs/lease-break-time")
-
-
 @pytest.fixture
 def gate():
     """Make shard files that no one can open until the test opens them (daemon_helpers.Gate); every gate
@@ -227,6 +224,9 @@ def gate():
         for each in made:
             each.close()
         signal.signal(signal.SIGIO, previous)
+
+
+LEASE_BREAK_TIME = Path("/proc/sys/fs/lease-break-time")
 
 
 @pytest.fixture
